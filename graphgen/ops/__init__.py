@@ -1,0 +1,8 @@
+"""graphgen.ops: the seed document's NPU attention ops with torch_npu's exact schemas.
+
+Importing this package registers every op under the `graphgen` torch.library namespace
+(`torch.ops.graphgen.<name>`): a reference kernel for CPU/CUDA, a fake kernel for tracing, and
+input checks that turn the device's constraints into clear errors. `emulate()` registers the same
+ops as `torch.ops.npu.*` where torch_npu is absent. This package imports nothing else of graphgen.
+"""
+from . import canonical  # noqa: F401  (graphgen::attention, the capture-side node)
