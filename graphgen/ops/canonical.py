@@ -9,12 +9,13 @@ from __future__ import annotations
 import torch
 
 from ._core import attend, visibility
+from ._registry import define
 
 SCHEMA = (
     "(Tensor query, Tensor key, Tensor value, *, int layer_idx, float scale, bool causal=True, "
     "int sliding_window=0, float softcap=0., Tensor? sinks=None, int num_key_value_heads=0) -> Tensor"
 )
-torch.library.define("graphgen::attention", SCHEMA)
+define("attention", SCHEMA, npu=False)
 
 
 def _check(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, num_key_value_heads: int) -> None:
