@@ -6,3 +6,4 @@ input checks that turn the device's constraints into clear errors. `emulate()` r
 ops as `torch.ops.npu.*` where torch_npu is absent. This package imports nothing else of graphgen.
 """
 from . import canonical  # noqa: F401  (graphgen::attention, the capture-side node)
+from . import incre_flash_attention, prompt_flash_attention, fused_infer_attention_score  # noqa: F401

@@ -23,7 +23,7 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 @dataclass
 class AttentionResult:
-    """out: (B, N, Sq, D) in the compute dtype; row_max / row_sum / lse: (B, N, Sq) in the compute
+    """out: (B, N, Sq, Dv) in the compute dtype; row_max / row_sum / lse: (B, N, Sq) in the compute
     dtype. row_max is the max of the visible logits, row_sum = sum exp(logit - row_max) (plus the
     sink term when a sink is given), lse = row_max + log(row_sum). Rows with nothing visible have
     out = 0, row_max = -inf, row_sum = 0 (or the sink term), lse = -inf (or the sink logit)."""
@@ -46,16 +46,19 @@ def attend(
     softcap: float = 0.0,
     dropout_keep: torch.Tensor | None = None,
     keep_prob: float = 1.0,
+    quantize_probs: float | None = None,
 ) -> AttentionResult:
     """Masked attention, vectorized over batch and heads.
 
-    q: (B, N, Sq, D); k, v: (B, Nkv, Skv, D) with N % Nkv == 0 (query head h reads KV head
+    q: (B, N, Sq, D); k: (B, Nkv, Skv, D), v: (B, Nkv, Skv, Dv) with N % Nkv == 0 (query head h reads KV head
     h // (N // Nkv); KV is never repeated in memory). visible: bool, broadcastable to
     (B, N, Sq, Skv), True where the key may be attended (None: all). bias: added to the *scaled*
     logits, broadcastable to (B, N, Sq, Skv). sink: (N,) extra per-head logit, not scaled, that
     only enlarges the softmax denominator. softcap > 0: logits become softcap * tanh(logits / softcap)
     (after scale, before bias and mask; Gemma-2 style). dropout_keep: bool (B, N, Sq, Skv); kept
-    probabilities are divided by keep_prob.
+    probabilities are divided by keep_prob. quantize_probs: the int8 path's quant_scale1: the
+    normalized probabilities become saturate_int8(round_half_even(P * quantize_probs)) before P.V
+    (the caller rescales the result by its dequant_scale2).
     """
     b, n, sq, d = q.shape
     nkv, skv = k.shape[1], k.shape[2]
@@ -89,7 +92,9 @@ def attend(
     probs = probs / safe_denom.unsqueeze(-1)
     if dropout_keep is not None:
         probs = probs * dropout_keep.to(ct) / keep_prob
-    out = torch.matmul(probs.reshape(b, nkv, g, sq, skv), vg).reshape(b, n, sq, d)
+    if quantize_probs is not None:
+        probs = torch.round(probs * quantize_probs).clamp(-128, 127)
+    out = torch.matmul(probs.reshape(b, nkv, g, sq, skv), vg).reshape(b, n, sq, v.shape[-1])
 
     # Report the statistics relative to the true row max (not the sink-adjusted one).
     row_sum = denom * torch.exp(stable_max - torch.where(torch.isfinite(row_max), row_max, stable_max))
