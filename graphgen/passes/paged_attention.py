@@ -1,0 +1,227 @@
+"""Paged attention: canonical `graphgen::attention` nodes -> KV-cache write + NPU attention op.
+
+Per phase (DESIGN.md decision 4):
+- prefill: the new tokens of several sequences packed into one row (TND varlen). Each layer writes
+  its new K/V into the pools at `slot_mapping`, then runs `npu_prompt_flash_attention` over the new
+  tokens with cumulative `cu_seq_lens`, sparse_mode 3 (bottom-right causal) and the compressed
+  2048x2048 mask; a sliding window becomes the band of sparse_mode 4 (pre_tokens = window - 1,
+  next_tokens = 0).
+- decode: one new token per sequence. Each layer writes the token's K/V at `slot_mapping`, then
+  runs `npu_incre_flash_attention` over the pool with `block_table`, `seq_lens` (KV lengths
+  including the new token), `block_size` and `num_key_value_heads`; a sliding window becomes an
+  `atten_mask` over the pool positions.
+
+The pools, block tables, lengths, slot mappings and positions become explicit graph inputs
+(decision 2); only KV heads live in the pools (no repeat_kv). A head_dim that is not a multiple of
+16 is zero-padded, which is exact: padded query/key columns add 0 to Q.K^T and padded value
+columns are sliced off. Lengths are tensors here (the `.tensor_lengths` overloads); the NPU
+lowering turns them into the int lists torch_npu's schemas take.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..spec import DECODE_INPUTS, PREFILL_INPUTS, KVSpec, cache_input_names
+
+ATTENTION = torch.ops.graphgen.attention.default
+COMPRESSED_MASK_SIZE = 2048
+HEAD_DIM_ALIGN = 16
+
+
+@dataclass
+class PassRecord:
+    """What a pass did: `matched` nodes rewritten, `skipped` with reasons, free-form `notes`."""
+
+    name: str
+    matched: int = 0
+    skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def compressed_causal_mask() -> torch.Tensor:
+    """The (2048, 2048) mask sparse modes 2/3/4 take: True (masked) above the diagonal."""
+    return torch.ones(COMPRESSED_MASK_SIZE, COMPRESSED_MASK_SIZE, dtype=torch.bool).triu(1)
+
+
+def padded_head_dim(head_dim: int) -> int:
+    return math.ceil(head_dim / HEAD_DIM_ALIGN) * HEAD_DIM_ALIGN
+
+
+def _pad_last(x: torch.Tensor, size: int) -> torch.Tensor:
+    return x if x.shape[-1] == size else F.pad(x, (0, size - x.shape[-1]))
+
+
+def write_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, kv: torch.Tensor, *, layout: str, block_size: int) -> None:
+    """Scatter kv (tokens, Nkv, D) into the pool at flat slots (block * block_size + offset).
+    Padded tokens carry slots in the reserved scratch block, so every index is in range."""
+    kv = kv.to(cache.dtype)
+    if layout == "BSH":
+        cache.view(-1, cache.shape[-1]).index_copy_(0, slot_mapping, kv.flatten(1))
+    else:
+        blocks = torch.div(slot_mapping, block_size, rounding_mode="floor")
+        offsets = slot_mapping - blocks * block_size
+        heads = torch.arange(kv.shape[1], device=kv.device)
+        cache.index_put_((blocks[:, None], heads[None, :], offsets[:, None]), kv)
+
+
+def prefill_attention(
+    query, key, value, key_cache, value_cache, slot_mapping, cu_seq_lens, mask, *, layout: str, block_size: int,
+    head_dim: int, scale: float, sliding_window: int,
+):
+    """query (1, N, T, Dm), key/value (1, Nkv, T, Dm) of the packed new tokens -> (1, T, N, Dm)."""
+    n, nkv, dm, d = query.shape[1], key.shape[1], query.shape[-1], head_dim
+    q = _pad_last(query[0].transpose(0, 1), d)  # (T, N, D)
+    k = _pad_last(key[0].transpose(0, 1), d)  # (T, Nkv, D)
+    v = _pad_last(value[0].transpose(0, 1), d)
+    write_kv(key_cache, slot_mapping, k, layout=layout, block_size=block_size)
+    write_kv(value_cache, slot_mapping, v, layout=layout, block_size=block_size)
+    band = sliding_window > 0
+    out = torch.ops.graphgen.npu_prompt_flash_attention.tensor_lengths(
+        q, k, v,
+        atten_mask=mask,
+        actual_seq_lengths=cu_seq_lens,
+        actual_seq_lengths_kv=cu_seq_lens,
+        num_heads=n,
+        scale_value=scale,
+        pre_tokens=sliding_window - 1 if band else 2147483647,
+        next_tokens=0,
+        input_layout="TND",
+        num_key_value_heads=nkv,
+        sparse_mode=4 if band else 3,
+    )
+    return out[..., :dm].unsqueeze(0)
+
+
+def decode_attention(
+    query, key, value, key_cache, value_cache, slot_mapping, block_table, seq_lens, *, layout: str, block_size: int,
+    head_dim: int, scale: float, sliding_window: int,
+):
+    """query (B, N, 1, Dm), key/value (B, Nkv, 1, Dm) of one new token per sequence -> (B, 1, N, Dm)."""
+    b, n, _, dm = query.shape
+    nkv, d = key.shape[1], head_dim
+    q = _pad_last(query, d)
+    write_kv(key_cache, slot_mapping, _pad_last(key[:, :, 0], d), layout=layout, block_size=block_size)
+    write_kv(value_cache, slot_mapping, _pad_last(value[:, :, 0], d), layout=layout, block_size=block_size)
+    atten_mask = None
+    if sliding_window > 0:
+        # Pool position j of sequence b is masked unless seq_len - window <= j (IFA has no band).
+        pos = torch.arange(block_table.shape[1] * block_size, device=q.device)
+        atten_mask = (pos[None, :] < (seq_lens[:, None] - sliding_window)).unsqueeze(1)
+    q_in = q.transpose(1, 2).reshape(b, 1, n * d) if layout == "BSH" else q
+    out = torch.ops.graphgen.npu_incre_flash_attention.tensor_lengths(
+        q_in, key_cache, value_cache,
+        atten_mask=atten_mask,
+        actual_seq_lengths=seq_lens,
+        block_table=block_table,
+        num_heads=n,
+        scale_value=scale,
+        input_layout=layout,
+        num_key_value_heads=nkv,
+        block_size=block_size,
+    )
+    out = out.view(b, 1, n, d) if layout == "BSH" else out.transpose(1, 2)
+    return out[..., :dm]
+
+
+def _placeholders(graph: fx.Graph) -> list[fx.Node]:
+    return [n for n in graph.nodes if n.op == "placeholder"]
+
+
+def _add_inputs(gm: fx.GraphModule, names: list[str]) -> dict[str, fx.Node]:
+    """Append placeholders `names` after the existing ones (reusing any that already exist)."""
+    existing = {n.name: n for n in _placeholders(gm.graph)}
+    last = _placeholders(gm.graph)[-1]
+    added = {}
+    for name in names:
+        if name in existing:
+            added[name] = existing[name]
+            continue
+        with gm.graph.inserting_after(last):
+            last = added[name] = gm.graph.placeholder(name)
+    return added
+
+
+def _unsupported(node: fx.Node) -> str | None:
+    kw = node.kwargs
+    if not kw.get("causal", True):
+        return "non-causal attention (a decoder LM is causal)"
+    if kw.get("softcap", 0.0):
+        return f"logit softcap {kw['softcap']} (no NPU flash-attention op applies a softcap)"
+    if kw.get("sinks") is not None:
+        return "attention sinks (IFA/PFA have no sink logit)"
+    return None
+
+
+def paged_attention(gm: fx.GraphModule, phase: str, spec: KVSpec) -> tuple[fx.GraphModule, PassRecord]:
+    """Rewrite every canonical attention node of `gm` for `phase` ("prefill" | "decode").
+
+    gm is a plain-codegen GraphModule whose user inputs are input_ids/position_ids(/logits_indices);
+    the pass appends the phase's remaining inputs and the pools (names in graphgen.spec), in order.
+    Raises ValueError naming the layer when a node carries what the NPU ops cannot express.
+    """
+    if phase not in ("prefill", "decode"):
+        raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
+    record = PassRecord(name=f"paged_attention[{phase}]")
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is ATTENTION]
+    for node in nodes:
+        reason = _unsupported(node)
+        if reason:
+            raise ValueError(f"layer {node.kwargs.get('layer_idx')}: {reason}; this model cannot be paged yet")
+    phase_inputs = PREFILL_INPUTS if phase == "prefill" else DECODE_INPUTS
+    inputs = _add_inputs(gm, phase_inputs + cache_input_names(spec.num_layers))
+    mask_node = None
+    if phase == "prefill":
+        gm.register_buffer("compressed_causal_mask", compressed_causal_mask(), persistent=False)
+        with gm.graph.inserting_after(_placeholders(gm.graph)[-1]):
+            mask_node = gm.graph.get_attr("compressed_causal_mask")
+    for node in nodes:
+        layer = node.kwargs["layer_idx"]
+        q, k, v = node.args[:3]
+        caches = (inputs[f"key_cache_{layer}"], inputs[f"value_cache_{layer}"])
+        attrs = {
+            "layout": spec.layout, "block_size": spec.block_size, "head_dim": spec.head_dim,
+            "scale": node.kwargs["scale"], "sliding_window": node.kwargs.get("sliding_window", 0),
+        }
+        with gm.graph.inserting_before(node):
+            if phase == "prefill":
+                args = (q, k, v, *caches, inputs["slot_mapping"], inputs["cu_seq_lens"], mask_node)
+                new = gm.graph.call_function(prefill_attention, args, attrs)
+            else:
+                args = (q, k, v, *caches, inputs["slot_mapping"], inputs["block_table"], inputs["seq_lens"])
+                new = gm.graph.call_function(decode_attention, args, attrs)
+        new.meta.update(node.meta)
+        new.meta["graphgen_layer"] = layer
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        record.matched += 1
+    if spec.head_dim != spec.model_head_dim:
+        record.notes.append(f"head_dim {spec.model_head_dim} zero-padded to {spec.head_dim}")
+    gm.graph.lint()
+    gm.recompile()
+    return gm, record
+
+
+def plain_graph_module(ep: torch.export.ExportedProgram) -> fx.GraphModule:
+    """The exported program as a GraphModule with plain positional inputs and one output (the
+    pytree in/out codegen removed), parameters and buffers under their original names."""
+    gm = ep.module()
+    gm._forward_pre_hooks.clear()  # the unlifted module checks inputs against the exported tree spec
+    gm.graph._codegen = fx.graph.CodeGen()
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    (value,) = out.args
+    while isinstance(value, (list, tuple)) and len(value) == 1:
+        value = value[0]
+    out.args = (value,)
+    gm.recompile()
+    return gm
+
+
+__all__ = [
+    "PassRecord", "compressed_causal_mask", "padded_head_dim", "paged_attention", "plain_graph_module",
+    "prefill_attention", "decode_attention", "write_kv",
+]
