@@ -189,7 +189,8 @@ def check_static(a: InferArgs) -> Dims:
         if layout != "TND" and C.known_true(k.shape[0] != q.shape[0]):
             C.fail(op, "key", f"has batch {k.shape[0]} but query has batch {q.shape[0]}",
                    "pass key/value with the query's batch size")
-    for name, got in (("key", dk), ("value", v.shape[-1] // nkv if v.dim() == 3 else v.shape[-1])):
+    hidden_kv = layout == "BSH" if not paged else layout != "BNSD"  # (.., Nkv*D) forms
+    for name, got in (("key", dk), ("value", v.shape[-1] // nkv if hidden_kv else v.shape[-1])):
         if C.known_true(got != d):
             C.fail(op, name, f"has head_dim {got} but query has head_dim {d}",
                    "pass query/key/value with one head_dim (check num_heads/num_key_value_heads for BSH)")
