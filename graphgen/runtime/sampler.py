@@ -1,0 +1,77 @@
+"""Logits to next tokens: greedy, temperature, top-k, top-p, per-request seeds; stop strings."""
+from __future__ import annotations
+
+import torch
+
+from .sequence import Sequence
+
+
+class Sampler:
+    """Picks one token per sequence from logits (B, V) fp32, B >= len(seqs); rows past len(seqs)
+    are padding and ignored. Returns int64 token ids (len(seqs),) on the logits' device.
+
+    Greedy (temperature 0) is argmax, ties to the lowest id. Otherwise the distribution is
+    softmax(logits / temperature) cut to the top_k tokens, then to the top_p nucleus (at least one
+    token kept), and sampled by the exponential race argmax(p / q), q ~ Exp(1). A seeded request
+    draws q from its own generator on the CPU, so its tokens do not depend on the batch around it
+    or on the device; unseeded rows share `generator` (None: torch's default for the device).
+    """
+
+    def __init__(self, generator: torch.Generator | None = None):
+        self.generator = generator
+
+    @torch.no_grad()
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        if logits.dim() != 2 or logits.shape[0] < len(seqs):
+            raise ValueError(f"logits must be (B >= {len(seqs)}, vocab), got {tuple(logits.shape)}")
+        logits = logits[:len(seqs)].float()
+        params = [s.sampling_params for s in seqs]
+        tokens = logits.argmax(dim=-1)
+        rows = [i for i, p in enumerate(params) if not p.greedy]
+        if rows:
+            sampled = self._sample(logits[rows], [params[i] for i in rows], [seqs[i].generator for i in rows])
+            tokens[rows] = sampled
+        return tokens
+
+    def _sample(self, logits, params, generators) -> torch.Tensor:
+        device = logits.device
+        temperature = torch.tensor([p.temperature for p in params], device=device)
+        probs = nucleus_probs(logits / temperature[:, None],
+                              torch.tensor([p.top_k for p in params], device=device),
+                              torch.tensor([p.top_p for p in params], device=device))
+        noise = torch.empty_like(probs)
+        unseeded = [i for i, g in enumerate(generators) if g is None]
+        if unseeded:
+            noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=device).exponential_(
+                generator=self.generator)
+        for i, g in enumerate(generators):
+            if g is not None:
+                noise[i] = torch.empty(probs.shape[1]).exponential_(generator=g).to(device)
+        # q == 0 would turn a zero-probability token into 0/0; the floor keeps p/q finite.
+        return probs.div_(noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+
+
+def nucleus_probs(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Unnormalized probabilities (B, V) with everything outside each row's top_k (0 = all) and
+    then top_p nucleus set to 0. The nucleus is the smallest set of most likely tokens whose mass
+    reaches top_p; the most likely token is always in it."""
+    if not bool((top_k > 0).any()) and not bool((top_p < 1).any()):
+        return logits.softmax(dim=-1)
+    vocab = logits.shape[-1]
+    # stable: among equal logits the lowest id ranks first, as in greedy argmax
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
+    rank = torch.arange(vocab, device=logits.device)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
+    sorted_logits.masked_fill_(rank[None, :] >= k[:, None], float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    probs.masked_fill_((mass_before >= top_p[:, None]) & (top_p[:, None] < 1), 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, probs)
+
+
+def stop_string_hit(text: str, stops: tuple[str, ...] | list[str], start: int = 0) -> int | None:
+    """Index in text where the earliest stop string begins, or None. Only matches that end at or
+    after `start` are looked for (the text before it was checked on earlier steps)."""
+    hits = [text.find(s, max(0, start - len(s) + 1)) for s in stops]
+    hits = [h for h in hits if h >= 0]
+    return min(hits) if hits else None
