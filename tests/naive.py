@@ -63,3 +63,100 @@ def naive_attention(
             out[bi, h] = p @ v[bi, kh].double()
             lse[bi, h] = row_lse
     return out, lse
+
+
+# --- inference ops (IFA / PFA / FIA): visibility written out from npu-ops.md section 2 -----------
+
+_UNBOUNDED = (2147483647, 2147473647)
+
+
+def inference_allowed(
+    q_lens: list[int],
+    kv_lens: list[int],
+    *,
+    sparse_mode: int = 0,
+    pre_tokens: int = 2147483647,
+    next_tokens: int = 2147483647,
+    mask: Callable[[int, int, int, int], bool] | None = None,
+    band_with_mask: bool = True,
+) -> Allowed:
+    """allowed(b, h, i, j) for the inference ops: rows/keys beyond the per-batch lengths are
+    invisible; sparse_mode 0 = mask plus the top-left pre/next band (no mask: everything visible;
+    band_with_mask=False for IFA, which has no band), 1 = mask only, 2 = j <= i,
+    3 = j <= i + (kv_len - q_len), 4 = -pre <= j - i - (kv_len - q_len) <= next.
+    `mask(b, h, i, j)` is True where masked out."""
+
+    def within(rel: int) -> bool:
+        lo = rel >= -pre_tokens if pre_tokens not in _UNBOUNDED else True
+        hi = rel <= next_tokens if next_tokens not in _UNBOUNDED else True
+        return lo and hi
+
+    def allowed(b: int, h: int, i: int, j: int) -> bool:
+        if i >= q_lens[b] or j >= kv_lens[b]:
+            return False
+        shift = kv_lens[b] - q_lens[b]
+        if sparse_mode == 0:
+            if mask is None:
+                return True
+            return not mask(b, h, i, j) and (within(j - i) or not band_with_mask)
+        if sparse_mode == 1:
+            return not mask(b, h, i, j)
+        if sparse_mode == 2:
+            return j <= i
+        if sparse_mode == 3:
+            return j <= i + shift
+        if sparse_mode == 4:
+            return within(j - i - shift)
+        raise ValueError(sparse_mode)
+
+    return allowed
+
+
+def zero_rows(out: torch.Tensor, q_lens: list[int]) -> torch.Tensor:
+    """out (B, N, Sq, D): rows beyond q_lens[b] set to 0 (the ops' convention for padded rows)."""
+    out = out.clone()
+    for b, n in enumerate(q_lens):
+        out[b, :, n:] = 0
+    return out
+
+
+def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """(B, N, S, D) -> BSH (B, S, N*D), BSND (B, S, N, D) or BNSD (as is)."""
+    if layout == "BNSD":
+        return x.contiguous()
+    bsnd = x.permute(0, 2, 1, 3).contiguous()
+    return bsnd if layout == "BSND" else bsnd.reshape(x.shape[0], x.shape[2], -1)
+
+
+def pack_tnd(x: torch.Tensor, lens: list[int]) -> torch.Tensor:
+    """(B, N, S, D) padded -> (sum(lens), N, D): the first lens[b] tokens of each sequence."""
+    return torch.cat([x[b, :, : lens[b]].permute(1, 0, 2) for b in range(x.shape[0])], dim=0)
+
+
+def page_kv(x: torch.Tensor, block_size: int, bnsd_cache: bool, gen: torch.Generator,
+            spare_blocks: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, Nkv, S, D) -> (cache, block_table): each sequence's tokens copied block by block into
+    randomly chosen blocks of a cache (num_blocks, block_size, Nkv*D) or (num_blocks, Nkv,
+    block_size, D); block_table int32 (B, ceil(S/bs) + 1), the extra column holding -1 (unused)."""
+    b, nkv, s, d = x.shape
+    per_seq = -(-s // block_size)
+    num_blocks = b * per_seq + spare_blocks
+    order = torch.randperm(num_blocks, generator=gen)
+    if bnsd_cache:
+        cache = torch.randn(num_blocks, nkv, block_size, d, generator=gen).to(x.dtype)
+    else:
+        cache = torch.randn(num_blocks, block_size, nkv * d, generator=gen).to(x.dtype)
+    table = torch.full((b, per_seq + 1), -1, dtype=torch.int32)
+    for bi in range(b):
+        for m in range(per_seq):
+            blk = int(order[bi * per_seq + m])
+            table[bi, m] = blk
+            for t in range(block_size):
+                pos = m * block_size + t
+                if pos >= s:
+                    break
+                if bnsd_cache:
+                    cache[blk, :, t] = x[bi, :, pos]
+                else:
+                    cache[blk, t] = x[bi, :, pos].reshape(-1)
+    return cache, table
