@@ -5,7 +5,7 @@ from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from graphgen.runtime import block_manager as bm_mod
-from graphgen.runtime.block_manager import BlockManager, blocks_for_memory, kv_bytes_per_block
+from graphgen.runtime.block_manager import BlockManager, blocks_for_memory
 from graphgen.runtime.sequence import Sequence
 
 
@@ -100,8 +100,7 @@ def test_prefix_caching_off_shares_nothing():
 
 
 def test_pool_sizing_and_limits():
-    per_block = kv_bytes_per_block(num_layers=2, block_size=16, num_kv_heads=4, head_dim=64, itemsize=2)
-    assert per_block == 2 * 2 * 16 * 4 * 64 * 2
+    per_block = 2 * 2 * 16 * 4 * 64 * 2  # K and V, 2 layers, 16 tokens, 4 heads, dim 64, fp16
     assert blocks_for_memory(10 * per_block + 5, per_block) == 10
     with pytest.raises(ValueError, match="kv_cache_memory"):
         blocks_for_memory(per_block, per_block)

@@ -21,12 +21,6 @@ def chain_hash(token_ids: list[int], prev_hash: int | None) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
-def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
-                       itemsize: int) -> int:
-    """Bytes one block takes across all layers' K and V pools."""
-    return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
-
-
 def blocks_for_memory(num_bytes: int, bytes_per_block: int) -> int:
     """How many blocks fit in num_bytes of KV-cache memory (one of them becomes the scratch block)."""
     if bytes_per_block <= 0:
@@ -42,10 +36,6 @@ def blocks_for_memory(num_bytes: int, bytes_per_block: int) -> int:
 class PrefixCacheStats:
     queried_blocks: int = 0  # full prompt blocks looked up in the cache
     hit_blocks: int = 0      # of those, found and reused
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hit_blocks / self.queried_blocks if self.queried_blocks else 0.0
 
 
 class Block:
@@ -118,6 +108,10 @@ class BlockManager:
             return None
         return block_id
 
+    def _register(self, block_id: int, h: int, prev_hash: int | None, token_ids: list[int]) -> None:
+        self.blocks[block_id].update(h, prev_hash, token_ids)
+        self.hash_to_block_id[h] = block_id
+
     def can_allocate(self, seq: Sequence) -> bool:
         return self.num_free_blocks >= seq.num_blocks(self.block_size)  # ignores hits: conservative
 
@@ -133,13 +127,11 @@ class BlockManager:
             prev_hash, full = h, len(token_ids) == bs
             h = chain_hash(token_ids, prev_hash) if full and self.enable_prefix_caching else None
             # The last token is always recomputed, so the prefill has logits to sample from.
-            reusable = full and (i + 1) * bs < len(seq)
-            if not cache_miss and reusable:
+            block_id = None
+            if not cache_miss and full and (i + 1) * bs < len(seq):
                 self.stats.queried_blocks += 1
                 block_id = self._cached_block(h, prev_hash, token_ids)
-                cache_miss = block_id is None
-            else:
-                cache_miss = True
+            cache_miss = block_id is None
             if cache_miss:
                 block_id = self._take_free_block()
             else:
@@ -149,8 +141,7 @@ class BlockManager:
                     del self.free_block_ids[block_id]
                 self.blocks[block_id].ref_count += 1
             if h is not None:
-                self.blocks[block_id].update(h, prev_hash, token_ids)
-                self.hash_to_block_id[h] = block_id
+                self._register(block_id, h, prev_hash, token_ids)
             seq.block_table.append(block_id)
 
     def deallocate(self, seq: Sequence) -> None:
@@ -178,12 +169,9 @@ class BlockManager:
         if len(seq) % bs == 0 and self.enable_prefix_caching:
             n = len(seq) // bs
             prev_hash = self.blocks[table[n - 2]].hash if n >= 2 else None
-            if n >= 2 and prev_hash is None:
-                return  # the chain is broken above this block; nothing to register
-            token_ids = seq.block(n - 1, bs)
-            h = chain_hash(token_ids, prev_hash)
-            self.blocks[table[n - 1]].update(h, prev_hash, token_ids)
-            self.hash_to_block_id[h] = table[n - 1]
+            if n == 1 or prev_hash is not None:  # never register a block whose chain is broken
+                token_ids = seq.block(n - 1, bs)
+                self._register(table[n - 1], chain_hash(token_ids, prev_hash), prev_hash, token_ids)
 
     def check_all_free(self) -> None:
         """Raise if any block is still held (the invariant after every workload)."""
