@@ -54,12 +54,13 @@ def _args(query, key, value, kw: dict) -> InferArgs:
 
 def _check_decode(a: InferArgs) -> InferArgs:
     q = a.query
-    if a.layout in ("BSH", "BSND", "BNSD") and q.dim() in (3, 4):
-        s = q.shape[2] if a.layout == "BNSD" else q.shape[1]
-        if C.known_true(s != 1):
-            C.fail(OP, "query", f"has S = {s} (shape {tuple(q.shape)}, input_layout={a.layout!r}); IFA decodes "
-                   "one token per sequence", "use npu_prompt_flash_attention or npu_fused_infer_attention_score "
-                   "for S > 1, or check input_layout")
+    C.check_layout(OP, a.layout, ("BSH", "BNSD", "BSND"))
+    C.check_rank(OP, "query", q, a.layout)
+    s = q.shape[2] if a.layout == "BNSD" else q.shape[1]
+    if C.known_true(s != 1):
+        C.fail(OP, "query", f"has S = {s} (shape {tuple(q.shape)}, input_layout={a.layout!r}); IFA decodes "
+               "one token per sequence", "use npu_prompt_flash_attention or npu_fused_infer_attention_score "
+               "for S > 1, or check input_layout")
     return a
 
 
