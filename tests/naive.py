@@ -65,6 +65,89 @@ def naive_attention(
     return out, lse
 
 
+def npu_sparse_allowed(
+    sparse_mode: int,
+    sq: int,
+    skv: int,
+    *,
+    mask: torch.Tensor | None = None,
+    pre: int = 2147483647,
+    nxt: int = 2147483647,
+    prefix: int = 0,
+    split_here: bool = False,
+) -> Callable[[int, int], bool]:
+    """allowed(i, j) for one sequence of the training op (npu_fusion_attention), from the upstream
+    description of each sparse_mode. mask: the full (Sq, Skv) bool mask (True = masked) for modes
+    0/1; no mask means no masking in any mode. split_here: for 7/8, this sequence is the one whose
+    query was split (a band aligned bottom-right); otherwise 7 acts as 3 and 8 as 2."""
+    shift = skv - sq
+    if mask is None:
+        return lambda i, j: True
+    if sparse_mode == 0:
+        return lambda i, j: (not bool(mask[i, j])) and -pre <= j - i <= nxt
+    if sparse_mode == 1:
+        return lambda i, j: not bool(mask[i, j])
+    if sparse_mode == 2 or (sparse_mode == 8 and not split_here):
+        return lambda i, j: j <= i
+    if sparse_mode == 3 or (sparse_mode == 7 and not split_here):
+        return lambda i, j: j <= i + shift
+    if sparse_mode in (4, 7, 8):
+        return lambda i, j: -pre <= j - i - shift <= nxt
+    if sparse_mode in (5, 6):
+        return lambda i, j: j <= i + shift or j < prefix
+    raise ValueError(sparse_mode)
+
+
+def naive_dropout_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    allowed: Callable[[int, int, int, int], bool] | None = None,
+    pse: torch.Tensor | None = None,
+    sink: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+    keep_prob: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training op's math, per batch and head, differentiable (autograd) and float64:
+    softmax(scale * (pse + q.k^T) masked, with the sink in the denominator), dropout by `keep`
+    (bool (B, N, Sq, Skv)) scaled by 1/keep_prob, times v. q (B, N, Sq, D), k (B, Nkv, Skv, D),
+    v (B, Nkv, Skv, Dv). Returns out (B, N, Sq, Dv), row max and row sum (B, N, Sq); rows with
+    nothing visible give zeros (and max -inf)."""
+    b, n, sq, _ = q.shape
+    nkv, skv = k.shape[1], k.shape[2]
+    group = n // nkv
+    outs, maxes, sums = [], [], []
+    for bi in range(b):
+        for h in range(n):
+            kh = h // group
+            s = (q[bi, h].double() @ k[bi, kh].double().T)
+            if pse is not None:
+                s = s + pse.double().expand(b, n, sq, skv)[bi, h]
+            s = s * scale
+            if allowed is not None:
+                vis = torch.tensor([[bool(allowed(bi, h, i, j)) for j in range(skv)] for i in range(sq)],
+                                   dtype=torch.bool).reshape(sq, skv)
+                s = s.masked_fill(~vis, -math.inf)
+            row_max = s.max(dim=1).values
+            m = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+            if sink is not None:
+                m = torch.maximum(m, sink.double()[h].expand(sq))
+            e = torch.exp(s - m[:, None])
+            den = e.sum(dim=1)
+            if sink is not None:
+                den = den + torch.exp(sink.double()[h] - m)
+            p = e / torch.where(den > 0, den, torch.ones_like(den))[:, None]
+            if keep is not None:
+                p = p * keep[bi, h].double() / keep_prob
+            outs.append(p @ v[bi, kh].double())
+            maxes.append(row_max)
+            sums.append(den * torch.exp(m - torch.where(torch.isfinite(row_max), row_max, m)))
+    out = torch.stack(outs).reshape(b, n, sq, v.shape[-1])
+    return out, torch.stack(maxes).reshape(b, n, sq), torch.stack(sums).reshape(b, n, sq)
+
+
 # --- inference ops (IFA / PFA / FIA): visibility written out from npu-ops.md section 2 -----------
 
 _UNBOUNDED = (2147483647, 2147473647)
