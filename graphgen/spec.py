@@ -21,7 +21,7 @@ class KVSpec:
     layout "BSH": (num_blocks, block_size, num_kv_heads * head_dim);
     layout "BNSD": (num_blocks, num_kv_heads, block_size, head_dim).
     head_dim is the stored (possibly zero-padded) head dim; model_head_dim the model's own.
-    Block `scratch_block` (the last one) is reserved for the writes of padded tokens.
+    The runtime reserves one block (its `scratch_block`) for the writes of padded tokens.
     """
 
     num_layers: int

@@ -211,6 +211,11 @@ def plain_graph_module(ep: torch.export.ExportedProgram) -> fx.GraphModule:
     pytree in/out codegen removed), parameters and buffers under their original names."""
     gm = ep.module()
     gm._forward_pre_hooks.clear()  # the unlifted module checks inputs against the exported tree spec
+    # Guards of the capture's dims (batch, seq ranges) do not hold for the paged graphs' own dims.
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm.graph.erase_node(node)
+            delattr(gm, "_guards_fn")
     gm.graph._codegen = fx.graph.CodeGen()
     out = next(n for n in gm.graph.nodes if n.op == "output")
     (value,) = out.args

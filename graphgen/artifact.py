@@ -1,0 +1,146 @@
+"""The on-disk artifact: `artifacts/<name>/manifest.json` is the runtime ABI (DESIGN.md decision 5).
+
+Layout:
+    manifest.json                 format version, recipe, model config, versions, target, KV spec,
+                                  graphs (phase, file, inputs), weight map, special tokens, sha256s
+    model/                        a loadable HF checkpoint: config.json, *.safetensors, tokenizer
+    graphs/<phase>.pt2            AOTInductor packages (inductor) or exported programs (eager)
+    graphs/constants.safetensors  graph constants the checkpoint does not hold (e.g. rotary tables)
+    report/lint.json              the graph-mode constraint report
+
+Writes are atomic (built in a temp dir beside the target, then renamed into place). Loading checks
+the format version, that every listed file exists, and its sha256; each refusal names the file and
+says how to rebuild.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .spec import KVSpec
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class ArtifactError(RuntimeError):
+    """An artifact that cannot be loaded; the message names the file and the fix."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def graphgen_source_hash() -> str:
+    """Hash of graphgen's own source, part of the build key: changed code means a rebuild."""
+    root = Path(__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Manifest:
+    """The parsed manifest. `data` is the JSON as written; the properties read the parts the
+    runtime needs."""
+
+    root: Path
+    data: dict[str, Any]
+
+    @property
+    def kv(self) -> KVSpec:
+        return KVSpec.from_dict(self.data["kv"])
+
+    @property
+    def graphs(self) -> dict[str, dict[str, Any]]:
+        return self.data["graphs"]
+
+    @property
+    def limits(self) -> dict[str, int]:
+        return self.data["limits"]
+
+    @property
+    def special_tokens(self) -> dict[str, Any]:
+        return self.data["special_tokens"]
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / self.data["model_dir"]
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a fresh temp dir beside `target`; on success it replaces `target` in one rename (the
+    old artifact, if any, is removed only after the new one is in place)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_manifest(root: Path, data: dict[str, Any]) -> Manifest:
+    """Add the sha256 of every file under root (but the manifest) and write manifest.json."""
+    files = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
+        files[path.relative_to(root).as_posix()] = sha256_file(path)
+    data = {"format_version": FORMAT_VERSION, **data, "files": files}
+    (root / MANIFEST).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    return Manifest(root=root, data=data)
+
+
+def read_manifest(root: str | Path, *, verify: bool = True) -> Manifest:
+    """Load and check an artifact's manifest. verify=True also checks every file's sha256."""
+    root = Path(root)
+    rebuild = "rebuild it with `graphgen compile <recipe> --force`"
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise ArtifactError(f"{mpath}: no manifest; {root} is not a graphgen artifact ({rebuild})")
+    try:
+        data = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{mpath}: not valid JSON ({e}); {rebuild}") from None
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{mpath}: artifact format version {version!r}, this graphgen reads version {FORMAT_VERSION}; {rebuild}"
+        )
+    for key in ("graphs", "kv", "files", "model_dir", "special_tokens", "limits"):
+        if key not in data:
+            raise ArtifactError(f"{mpath}: manifest has no '{key}' entry; {rebuild}")
+    for rel, digest in data["files"].items():
+        path = root / rel
+        if not path.is_file():
+            raise ArtifactError(f"{path}: listed in the manifest but missing; {rebuild}")
+        if verify and sha256_file(path) != digest:
+            raise ArtifactError(f"{path}: checksum mismatch (file changed or corrupt); {rebuild}")
+    for phase, graph in data["graphs"].items():
+        if graph["file"] not in data["files"]:
+            raise ArtifactError(f"{mpath}: graph '{phase}' file {graph['file']} is not in the artifact; {rebuild}")
+    return Manifest(root=root, data=data)

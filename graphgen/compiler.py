@@ -1,0 +1,350 @@
+"""The compile pipeline: recipe -> model -> canonical graph -> paged graphs -> lint -> backend -> artifact.
+
+`compile_recipe(recipe)` runs the stages in order (DESIGN.md, data flow) and reports each one to an
+optional `progress(stage, detail)` callback; the CLI turns those into a rich progress display.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.fx as fx
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .artifact import FORMAT_VERSION, MANIFEST, atomic_dir, graphgen_source_hash, read_manifest, write_manifest
+from .backends import backend_module
+from .capture.export import capture
+from .capture.load import load_model
+from .passes.lint import LintContext, LintReport, lint
+from .passes.paged_attention import paged_attention, padded_head_dim, plain_graph_module
+from .recipe import Recipe
+from .spec import DECODE_INPUTS, DTYPES, PREFILL_INPUTS, KVSpec, cache_input_names
+
+Progress = Callable[[str, str], None]
+WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json")
+HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
+# Parameters live under this attribute of capture's wrapper module; checkpoint keys lack it.
+WRAPPER_PREFIX = "model."
+
+
+class CompileError(RuntimeError):
+    """The recipe cannot be compiled as asked; says why and what to change."""
+
+
+@dataclass
+class CompileResult:
+    path: Path
+    up_to_date: bool
+    seconds: float
+    graphs: dict[str, str] = field(default_factory=dict)  # phase -> file
+    attention_rewritten: dict[str, int] = field(default_factory=dict)  # phase -> nodes
+    lint: dict = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)  # file -> bytes
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {
+        "graphgen": __version__,
+        "graphgen_source": graphgen_source_hash(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _checkpoint_digest(recipe: Recipe) -> str:
+    """For a local checkpoint, what its files are now (so an edited checkpoint rebuilds)."""
+    path = recipe.model.resolved_path()
+    if path is None or not path.is_dir():
+        return ""
+    h = hashlib.sha256()
+    for p in sorted(path.iterdir()):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def build_key(recipe: Recipe) -> str:
+    payload = {"recipe": recipe.normalized(), "versions": _versions(), "checkpoint": _checkpoint_digest(recipe),
+               "format": FORMAT_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _up_to_date(out: Path, key: str) -> bool:
+    if not (out / MANIFEST).is_file():
+        return False
+    try:
+        manifest = read_manifest(out, verify=True)
+    except Exception:  # a broken artifact is rebuilt, not trusted
+        return False
+    return manifest.data.get("build_key") == key
+
+
+def kv_spec_for(recipe: Recipe, model) -> KVSpec:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = config.num_attention_heads
+    nkv = getattr(config, "num_key_value_heads", None) or n
+    d = getattr(config, "head_dim", None) or config.hidden_size // n
+    stored = d
+    if d % 16:
+        if recipe.head_dim_padding == "reject":
+            raise CompileError(
+                f"{recipe.source}: head_dim {d} is not a multiple of 16 and head_dim_padding is 'reject'; "
+                "set head_dim_padding: pad (zero-padding is exact)"
+            )
+        stored = padded_head_dim(d)
+    if recipe.kv_cache.dtype == "int8":
+        raise CompileError(
+            f"{recipe.source}: kv_cache.dtype int8 is not supported by the compile pipeline yet "
+            "(the ops support int8 antiquant; calibrated KV scales are not built); use dtype: auto"
+        )
+    return KVSpec(
+        num_layers=config.num_hidden_layers,
+        num_kv_heads=nkv,
+        head_dim=stored,
+        model_head_dim=d,
+        block_size=recipe.kv_cache.block_size,
+        layout=recipe.kv_cache.layout,
+        dtype=recipe.dtype,
+        max_blocks_per_seq=math.ceil(recipe.limits.max_model_len / recipe.kv_cache.block_size),
+    )
+
+
+def _select_output(gm: fx.GraphModule, dim: int) -> None:
+    """logits (1, K, V) -> (K, V) for prefill (dim 0); (B, 1, V) -> (B, V) for decode (dim 1)."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    (value,) = out.args
+    with gm.graph.inserting_before(out):
+        selected = gm.graph.call_function(torch.ops.aten.select.int, (value, dim, 0))
+    out.args = (selected,)
+    gm.recompile()
+
+
+def _example_inputs(phase: str, spec: KVSpec, recipe: Recipe, device: torch.device) -> tuple[list, list]:
+    """Example inputs (sizes >= 2 so export keeps dims dynamic) and their dynamic shapes."""
+    num_blocks = 4
+    nb = torch.export.Dim("num_blocks", min=2, max=1 << 24)
+    pools = [torch.zeros(spec.pool_shape(num_blocks), dtype=DTYPES[spec.dtype], device=device)
+             for _ in cache_input_names(spec.num_layers)]
+    pool_dims = [{0: nb} for _ in pools]
+    i64 = dict(dtype=torch.int64, device=device)
+    lim = recipe.limits
+    if phase == "prefill":
+        t = torch.export.Dim("tokens", min=1, max=max(2, lim.max_num_batched_tokens))
+        s = torch.export.Dim("seqs", min=1, max=max(2, lim.max_num_seqs))
+        ex = [torch.zeros(1, 8, **i64), torch.arange(8, **i64)[None], torch.tensor([3, 7], **i64),
+              torch.tensor([4, 8], **i64), torch.arange(8, **i64)]
+        dims = [{1: t}, {1: t}, {0: s}, {0: s}, {0: t}]
+    else:
+        b = torch.export.Dim("batch", min=1, max=max(2, lim.max_num_seqs))
+        table = torch.zeros(2, spec.max_blocks_per_seq, dtype=torch.int32, device=device)
+        ex = [torch.zeros(2, 1, **i64), torch.ones(2, 1, **i64), table, torch.tensor([2, 2], **i64),
+              torch.tensor([1, 17], **i64)]
+        dims = [{0: b}, {0: b}, {0: b}, {0: b}, {0: b}]
+    return ex + pools, dims + pool_dims
+
+
+def _weight_map(gm: fx.GraphModule, fqns: list[str], checkpoint: dict[str, torch.Tensor]):
+    """Map each graph constant to a checkpoint key (same tensor, or a tied copy), else keep it as
+    an extra constant. Returns (map fqn -> ["model"|"constants", key], extra constants)."""
+    own = dict(gm.named_parameters(remove_duplicate=False))
+    own.update(gm.named_buffers(remove_duplicate=False))
+    mapping, extra = {}, {}
+    for fqn in fqns:
+        tensor = own.get(fqn)
+        if tensor is None:
+            raise CompileError(f"graph constant {fqn} is not a parameter or buffer of the captured model")
+        key = fqn.removeprefix(WRAPPER_PREFIX)
+        ck = checkpoint.get(key)
+        if ck is not None and ck.shape == tensor.shape and torch.equal(ck.to(tensor.dtype), tensor):
+            mapping[fqn] = ["model", key]
+            continue
+        tied = next((k for k, t in checkpoint.items() if t.shape == tensor.shape
+                     and torch.equal(t.to(tensor.dtype), tensor)), None)
+        if tied is not None:
+            mapping[fqn] = ["model", tied]
+        else:
+            mapping[fqn] = ["constants", fqn]
+            extra[fqn] = tensor.detach().contiguous()
+    return mapping, extra
+
+
+def _load_checkpoint_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    return tensors
+
+
+def _copy_checkpoint(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True)
+    for pattern in (*WEIGHT_FILES, *HF_FILES):
+        for path in src.glob(pattern):
+            shutil.copy2(path, dst / path.name)
+
+
+def _special_tokens(model, tokenizer) -> dict:
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if eos is None:
+        eos = model.config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    return {"bos": tokenizer.bos_token_id, "eos": eos_ids, "pad": tokenizer.pad_token_id}
+
+
+def compile_recipe(
+    recipe: Recipe, *, output: str | Path | None = None, target: str | None = None, force: bool = False,
+    progress: Progress | None = None,
+) -> CompileResult:
+    """Build (or find up to date) the artifact of `recipe`; see the module docstring."""
+    say = progress or (lambda stage, detail: None)
+    start = time.perf_counter()
+    if target is not None and target != recipe.target:
+        data = recipe.normalized()
+        data["target"] = target
+        data["compile"]["backend"] = None
+        data["compile"]["torchair"] = None
+        recipe = type(recipe).model_validate(data)
+    out = Path(output) if output is not None else recipe.output_dir
+    if recipe.target == "npu":
+        raise CompileError(
+            "target npu compiles with torchair, which this graphgen does not build yet; "
+            "compile for target cpu (or cuda) to inspect and verify the same graphs"
+        )
+    device = torch.device("cuda" if recipe.target == "cuda" else "cpu")
+    key = build_key(recipe)
+    if not force and _up_to_date(out, key):
+        say("up to date", f"{out} matches the recipe and versions; nothing to do (--force rebuilds)")
+        return CompileResult(path=out, up_to_date=True, seconds=time.perf_counter() - start)
+
+    backend = backend_module(recipe.compile.backend)
+    result = CompileResult(path=out, up_to_date=False, seconds=0.0)
+    with tempfile.TemporaryDirectory(prefix="graphgen-build-") as work, atomic_dir(out) as root:
+        say("load", f"model from {recipe.model.source}")
+        model, tokenizer, checkpoint = load_model(recipe.model, recipe.dtype, work)
+        model.to(device)
+        spec = kv_spec_for(recipe, model)
+        lim = recipe.limits
+
+        say("capture", "torch.export (non-strict), canonical attention nodes")
+        # The paged graphs get their own dims on re-export (prefill packs up to
+        # max_num_batched_tokens tokens of several sequences into one row).
+        ep, record = capture(model, max_batch=lim.max_num_seqs, max_seq_len=lim.max_model_len)
+
+        _copy_checkpoint(checkpoint, root / "model")
+        ckpt = _load_checkpoint_tensors(root / "model")
+        (root / "graphs").mkdir()
+        lowered, weight_maps, extra_constants, graphs = [], {}, {}, {}
+        for phase, inputs, dim in (("prefill", PREFILL_INPUTS, 0), ("decode", DECODE_INPUTS, 1)):
+            say("passes", f"{phase}: paged attention rewrite")
+            gm = plain_graph_module(ep)
+            if phase == "prefill":
+                _add_logits_indices(gm)
+            gm, rec = paged_attention(gm, phase, spec)
+            _select_output(gm, dim)
+            result.attention_rewritten[phase] = rec.matched
+            ex, dims = _example_inputs(phase, spec, recipe, device)
+            with torch.no_grad():
+                paged = torch.export.export(gm, tuple(ex), dynamic_shapes=dims, strict=False)
+            lowered.append(paged.graph_module)
+            say("backend", f"{phase}: {recipe.compile.backend}")
+            rel = f"graphs/{phase}.pt2"
+            fqns = backend.save(paged, root / rel)
+            weight_maps[phase], extra = _weight_map(gm, fqns, ckpt)
+            extra_constants.update(extra)
+            graphs[phase] = {
+                "file": rel,
+                "format": backend.FORMAT,
+                "inputs": inputs + cache_input_names(spec.num_layers),
+                "outputs": ["logits"],
+                "weights": weight_maps[phase],
+            }
+            result.graphs[phase] = rel
+        graphs["decode"]["batch_sizes"] = list(recipe.graphs.decode_batch_sizes)
+        prefill = recipe.graphs.prefill
+        graphs["prefill"]["token_buckets"] = None if prefill == "varlen" else list(prefill.buckets)
+        if extra_constants:
+            save_file(extra_constants, str(root / "graphs" / "constants.safetensors"))
+
+        say("lint", "graph-mode constraints of the NPU ops")
+        report = lint([ep.graph_module, *lowered], LintContext(
+            target=recipe.target, dtype=DTYPES[recipe.dtype], block_size=spec.block_size,
+            kv_dtype=recipe.kv_cache.dtype, prefill="varlen" if prefill == "varlen" else "buckets",
+            attention_ops=recipe.attention_ops, head_dim_padding=recipe.head_dim_padding,
+        ))
+        (root / "report").mkdir()
+        (root / "report" / "lint.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        result.lint = _lint_summary(report)
+
+        say("package", f"manifest and checksums -> {out}")
+        manifest = write_manifest(root, {
+            "name": recipe.name,
+            "build_key": key,
+            "recipe": recipe.normalized(),
+            "model_config": model.config.to_dict(),
+            "versions": _versions(),
+            "target": recipe.target,
+            "device": device.type,
+            "dtype": recipe.dtype,
+            "kv": spec.to_dict(),
+            "limits": lim.model_dump(),
+            "graphs": graphs,
+            "model_dir": "model",
+            "constants_file": "graphs/constants.safetensors" if extra_constants else None,
+            "special_tokens": _special_tokens(model, tokenizer),
+            "npu_portable": report.npu_expressible,
+            "capture": {"attention_nodes": len(record.attention)},
+        })
+        result.sizes = {rel: (root / rel).stat().st_size for rel in manifest.data["files"]}
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _add_logits_indices(gm: fx.GraphModule) -> None:
+    """Prefill packs all sequences into one row: compute logits only at each sequence's last
+    token. Adds input `logits_indices` (K,) and gathers the hidden states before the LM head."""
+    from .passes.paged_attention import _add_inputs
+
+    idx = _add_inputs(gm, ["logits_indices"])["logits_indices"]
+    head = _lm_head(gm)
+    hidden = head.args[0]
+    with gm.graph.inserting_before(head):
+        picked = gm.graph.call_function(torch.ops.aten.index_select.default, (hidden, 1, idx))
+    head.replace_input_with(hidden, picked)
+    gm.recompile()
+
+
+def _lm_head(gm: fx.GraphModule) -> fx.Node:
+    """The last linear before the output: the LM head (softcaps and scalings may follow it)."""
+    linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (
+        torch.ops.aten.linear.default, torch.ops.aten.matmul.default, torch.ops.aten.mm.default)]
+    if not linears:
+        raise CompileError("no LM head (final linear) found in the captured graph")
+    return linears[-1]
+
+
+def _lint_summary(report: LintReport) -> dict:
+    return {
+        "npu_expressible": report.npu_expressible,
+        "errors": len(report.errors()),
+        "findings": [f.line() for f in report.findings],
+    }
+
+
+__all__ = ["CompileError", "CompileResult", "build_key", "compile_recipe", "kv_spec_for", "asdict"]
