@@ -8,3 +8,4 @@ ops as `torch.ops.npu.*` where torch_npu is absent. This package imports nothing
 from . import canonical  # noqa: F401  (graphgen::attention, the capture-side node)
 from . import incre_flash_attention, prompt_flash_attention, fused_infer_attention_score  # noqa: F401
 from . import fusion_attention  # noqa: F401,E402  (npu_fusion_attention + its grad op)
+from . import advance_step, kv_cache  # noqa: F401,E402  (advance step; KV writes + graphgen::kv_cache_scatter_)
