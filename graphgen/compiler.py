@@ -28,7 +28,7 @@ from .capture.load import load_model
 from .passes.lint import LintContext, LintReport, lint
 from .passes.paged_attention import paged_attention, padded_head_dim, plain_graph_module
 from .recipe import Recipe
-from .spec import DECODE_INPUTS, DTYPES, PREFILL_INPUTS, KVSpec, cache_input_names
+from .spec import DTYPES, PHASE_INPUTS, KVSpec, cache_input_names
 
 Progress = Callable[[str, str], None]
 WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json")
@@ -143,15 +143,19 @@ def _example_inputs(phase: str, spec: KVSpec, recipe: Recipe, device: torch.devi
     pool_dims = [{0: nb} for _ in pools]
     i64 = dict(dtype=torch.int64, device=device)
     lim = recipe.limits
+    table = torch.zeros(2, spec.max_blocks_per_seq, dtype=torch.int32, device=device)
+    t = torch.export.Dim("tokens", min=1, max=max(2, lim.max_num_batched_tokens))
     if phase == "prefill":
-        t = torch.export.Dim("tokens", min=1, max=max(2, lim.max_num_batched_tokens))
         s = torch.export.Dim("seqs", min=1, max=max(2, lim.max_num_seqs))
         ex = [torch.zeros(1, 8, **i64), torch.arange(8, **i64)[None], torch.tensor([3, 7], **i64),
               torch.tensor([4, 8], **i64), torch.arange(8, **i64)]
         dims = [{1: t}, {1: t}, {0: s}, {0: s}, {0: t}]
+    elif phase == "extend":
+        ex = [torch.zeros(1, 8, **i64), torch.arange(16, 24, **i64)[None], torch.tensor([7], **i64), table[:1],
+              torch.tensor([24], **i64), torch.arange(16, 24, **i64)]
+        dims = [{1: t}, {1: t}, None, None, None, {0: t}]
     else:
         b = torch.export.Dim("batch", min=1, max=max(2, lim.max_num_seqs))
-        table = torch.zeros(2, spec.max_blocks_per_seq, dtype=torch.int32, device=device)
         ex = [torch.zeros(2, 1, **i64), torch.ones(2, 1, **i64), table, torch.tensor([2, 2], **i64),
               torch.tensor([1, 17], **i64)]
         dims = [{0: b}, {0: b}, {0: b}, {0: b}, {0: b}]
@@ -251,13 +255,13 @@ def compile_recipe(
         ckpt = _load_checkpoint_tensors(root / "model")
         (root / "graphs").mkdir()
         lowered, weight_maps, extra_constants, graphs = [], {}, {}, {}
-        for phase, inputs, dim in (("prefill", PREFILL_INPUTS, 0), ("decode", DECODE_INPUTS, 1)):
+        for phase, inputs in PHASE_INPUTS.items():
             say("passes", f"{phase}: paged attention rewrite")
             gm = plain_graph_module(ep)
-            if phase == "prefill":
+            if "logits_indices" in inputs:
                 _add_logits_indices(gm)
             gm, rec = paged_attention(gm, phase, spec)
-            _select_output(gm, dim)
+            _select_output(gm, 1 if phase == "decode" else 0)
             result.attention_rewritten[phase] = rec.matched
             ex, dims = _example_inputs(phase, spec, recipe, device)
             with torch.no_grad():

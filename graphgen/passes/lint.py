@@ -146,9 +146,11 @@ def _paged(node: fx.Node, op: str, ctx: LintContext, out: list[Finding]) -> None
             out.append(Finding("compressed_mask", "error", layer, name, None if mask is None else tuple(mask.shape),
                                "sparse_mode 2/3/4 take the compressed (2048, 2048) triu mask"))
     if kw.get("block_table") is not None:
-        if lengths is None:
-            out.append(Finding("paged_lengths", "error", layer, name, "block_table without lengths",
-                               "paged attention needs actual_seq_lengths with block_table"))
+        kv_lengths = kw.get("actual_seq_lengths_kv") if op == "npu_fused_infer_attention_score" else lengths
+        if kv_lengths is None:
+            out.append(Finding("paged_lengths", "error", layer, name, "block_table without KV lengths",
+                               "paged attention needs the KV lengths (actual_seq_lengths, or actual_seq_lengths_kv "
+                               "in FIA) with block_table"))
         bs = kw.get("block_size", 0)
         align = 32 if ctx.kv_dtype == "int8" else 16
         if bs % align:
@@ -158,7 +160,8 @@ def _paged(node: fx.Node, op: str, ctx: LintContext, out: list[Finding]) -> None
             qs = q.shape[1] if kw.get("input_layout", "BSH") in ("BSH", "BSND") else q.shape[2]
             if not (isinstance(qs, int) and qs == 1) and (bs % 128 or bs > 512):
                 out.append(Finding("fia_block_size", "error", layer, name, bs,
-                                   "FIA paged prefill (Q_S > 1) needs block_size a multiple of 128, at most 512"))
+                                   "FIA paged prefill (Q_S > 1, the prefix-cache extend graph) needs block_size a "
+                                   "multiple of 128, at most 512: set kv_cache.block_size: 128"))
         table = _val(kw.get("block_table"))
         if table is not None and table.dtype != torch.int32:
             out.append(Finding("block_table_dtype", "error", layer, name, str(table.dtype), "pass block_table as int32"))

@@ -6,6 +6,8 @@ Per phase (DESIGN.md decision 4):
   tokens with cumulative `cu_seq_lens`, sparse_mode 3 (bottom-right causal) and the compressed
   2048x2048 mask; a sliding window becomes the band of sparse_mode 4 (pre_tokens = window - 1,
   next_tokens = 0).
+- extend: one sequence whose prefix is already in the pool (prefix-cache hit): write the new
+  tokens' K/V, then `npu_fused_infer_attention_score` (Q_S > 1) over the pool via `block_table`.
 - decode: one new token per sequence. Each layer writes the token's K/V at `slot_mapping`, then
   runs `npu_incre_flash_attention` over the pool with `block_table`, `seq_lens` (KV lengths
   including the new token), `block_size` and `num_key_value_heads`; a sliding window becomes an
@@ -26,7 +28,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..spec import DECODE_INPUTS, PREFILL_INPUTS, KVSpec, cache_input_names
+from ..spec import PHASE_INPUTS, KVSpec, cache_input_names
 
 ATTENTION = torch.ops.graphgen.attention.default
 COMPRESSED_MASK_SIZE = 2048
@@ -128,6 +130,41 @@ def decode_attention(
     return out[..., :dm]
 
 
+def extend_attention(
+    query, key, value, key_cache, value_cache, slot_mapping, block_table, seq_lens, mask, *, layout: str,
+    block_size: int, head_dim: int, scale: float, sliding_window: int,
+):
+    """One sequence whose first tokens are already in the pool (a prefix-cache hit): query (1, N, T,
+    Dm) of its T new tokens, key/value (1, Nkv, T, Dm) -> (1, T, N, Dm). The new K/V are written,
+    then `npu_fused_infer_attention_score` reads the whole sequence through `block_table`, causal
+    aligned bottom-right (new token t sees everything up to position seq_len - T + t)."""
+    _, n, t, dm = query.shape
+    nkv, d = key.shape[1], head_dim
+    q = _pad_last(query, d)
+    k = _pad_last(key[0].transpose(0, 1), d)  # (T, Nkv, D)
+    v = _pad_last(value[0].transpose(0, 1), d)
+    write_kv(key_cache, slot_mapping, k, layout=layout, block_size=block_size)
+    write_kv(value_cache, slot_mapping, v, layout=layout, block_size=block_size)
+    band = sliding_window > 0
+    q_in = q.transpose(1, 2).reshape(1, t, n * d) if layout == "BSH" else q
+    out, _ = torch.ops.graphgen.npu_fused_infer_attention_score.tensor_lengths(
+        q_in, key_cache, value_cache,
+        atten_mask=mask,
+        actual_seq_lengths_kv=seq_lens,
+        block_table=block_table,
+        num_heads=n,
+        scale=scale,
+        pre_tokens=sliding_window - 1 if band else 2147483647,
+        next_tokens=0,
+        input_layout=layout,
+        num_key_value_heads=nkv,
+        sparse_mode=4 if band else 3,
+        block_size=block_size,
+    )
+    out = out.view(1, t, n, d) if layout == "BSH" else out.transpose(1, 2)
+    return out[..., :dm]
+
+
 def _placeholders(graph: fx.Graph) -> list[fx.Node]:
     return [n for n in graph.nodes if n.op == "placeholder"]
 
@@ -158,24 +195,23 @@ def _unsupported(node: fx.Node) -> str | None:
 
 
 def paged_attention(gm: fx.GraphModule, phase: str, spec: KVSpec) -> tuple[fx.GraphModule, PassRecord]:
-    """Rewrite every canonical attention node of `gm` for `phase` ("prefill" | "decode").
+    """Rewrite every canonical attention node of `gm` for `phase` ("prefill" | "extend" | "decode").
 
     gm is a plain-codegen GraphModule whose user inputs are input_ids/position_ids(/logits_indices);
     the pass appends the phase's remaining inputs and the pools (names in graphgen.spec), in order.
     Raises ValueError naming the layer when a node carries what the NPU ops cannot express.
     """
-    if phase not in ("prefill", "decode"):
-        raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
+    if phase not in PHASE_INPUTS:
+        raise ValueError(f"phase must be one of {sorted(PHASE_INPUTS)}, got {phase!r}")
     record = PassRecord(name=f"paged_attention[{phase}]")
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is ATTENTION]
     for node in nodes:
         reason = _unsupported(node)
         if reason:
             raise ValueError(f"layer {node.kwargs.get('layer_idx')}: {reason}; this model cannot be paged yet")
-    phase_inputs = PREFILL_INPUTS if phase == "prefill" else DECODE_INPUTS
-    inputs = _add_inputs(gm, phase_inputs + cache_input_names(spec.num_layers))
+    inputs = _add_inputs(gm, PHASE_INPUTS[phase] + cache_input_names(spec.num_layers))
     mask_node = None
-    if phase == "prefill":
+    if phase in ("prefill", "extend"):
         gm.register_buffer("compressed_causal_mask", compressed_causal_mask(), persistent=False)
         with gm.graph.inserting_after(_placeholders(gm.graph)[-1]):
             mask_node = gm.graph.get_attr("compressed_causal_mask")
@@ -191,6 +227,9 @@ def paged_attention(gm: fx.GraphModule, phase: str, spec: KVSpec) -> tuple[fx.Gr
             if phase == "prefill":
                 args = (q, k, v, *caches, inputs["slot_mapping"], inputs["cu_seq_lens"], mask_node)
                 new = gm.graph.call_function(prefill_attention, args, attrs)
+            elif phase == "extend":
+                args = (q, k, v, *caches, inputs["slot_mapping"], inputs["block_table"], inputs["seq_lens"], mask_node)
+                new = gm.graph.call_function(extend_attention, args, attrs)
             else:
                 args = (q, k, v, *caches, inputs["slot_mapping"], inputs["block_table"], inputs["seq_lens"])
                 new = gm.graph.call_function(decode_attention, args, attrs)
@@ -228,5 +267,5 @@ def plain_graph_module(ep: torch.export.ExportedProgram) -> fx.GraphModule:
 
 __all__ = [
     "PassRecord", "compressed_causal_mask", "padded_head_dim", "paged_attention", "plain_graph_module",
-    "prefill_attention", "decode_attention", "write_kv",
+    "prefill_attention", "extend_attention", "decode_attention", "write_kv",
 ]

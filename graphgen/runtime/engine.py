@@ -1,0 +1,179 @@
+"""`LLM`: load an artifact and serve it, vLLM-style: `LLM(dir).generate(prompts, SamplingParams(...))`."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..artifact import ArtifactError, read_manifest
+from .block_manager import BlockManager, blocks_for_memory
+from .params import RequestOutput, SamplingParams
+from .runner import ModelRunner
+from .sampler import Sampler, stop_string_hit
+from .scheduler import Scheduler
+from .sequence import Sequence
+from .tokenizer import Detokenizer, load_tokenizer
+
+Prompt = str | list[int]
+
+
+@dataclass
+class StreamEvent:
+    """One step of one request: the token it produced and the text it added (`text` so far)."""
+
+    index: int  # position of the request in the prompts given
+    token_id: int
+    text_delta: str
+    finished: bool
+    output: RequestOutput | None = None  # set on the last event of the request
+
+
+@dataclass
+class Stats:
+    """Work done by `generate`/`stream` since the LLM was created."""
+
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+    prefix_cache_hit_blocks: int = 0
+    preemptions: int = 0
+    steps: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})
+
+    def to_dict(self) -> dict:
+        rate = lambda n, s: round(n / s, 2) if s > 0 else None  # noqa: E731
+        return {
+            "prefill_tokens": self.prefill_tokens, "prefill_tokens_per_s": rate(self.prefill_tokens, self.prefill_seconds),
+            "decode_tokens": self.decode_tokens, "decode_tokens_per_s": rate(self.decode_tokens, self.decode_seconds),
+            "prefix_cache_hit_blocks": self.prefix_cache_hit_blocks, "steps": dict(self.steps),
+        }
+
+
+def _check_versions(manifest) -> None:
+    built = manifest.data.get("versions", {}).get("torch")
+    if manifest.data["graphs"] and any(g["format"] == "aoti" for g in manifest.graphs.values()) and built != torch.__version__:
+        raise ArtifactError(
+            f"{manifest.root}: compiled with torch {built}, this process runs torch {torch.__version__}; AOTInductor "
+            f"graphs do not carry across torch versions: rebuild with `graphgen compile <recipe> --force`"
+        )
+
+
+class LLM:
+    """A compiled artifact, ready to serve.
+
+    num_blocks / kv_cache_memory size the KV pool (blocks of the manifest's block_size; bytes);
+    default: room for max_num_seqs sequences of max_model_len tokens. max_num_seqs may lower the
+    artifact's limit, never raise it (the decode graph was compiled for it).
+    """
+
+    def __init__(self, artifact_dir: str | Path, *, num_blocks: int | None = None, kv_cache_memory: int | None = None,
+                 max_num_seqs: int | None = None, enable_prefix_caching: bool = True, verify_checksums: bool = True):
+        t0 = time.perf_counter()
+        self.manifest = manifest = read_manifest(artifact_dir, verify=verify_checksums)
+        _check_versions(manifest)
+        if manifest.data.get("device", "cpu") == "cuda" and not torch.cuda.is_available():
+            raise ArtifactError(f"{manifest.root}: built for cuda but this machine has no CUDA device; "
+                                "compile the recipe with --target cpu")
+        self.device = torch.device(manifest.data.get("device", "cpu"))
+        spec, limits = manifest.kv, manifest.limits
+        limit = limits["max_num_seqs"]
+        if max_num_seqs is not None and not 1 <= max_num_seqs <= limit:
+            raise ValueError(f"max_num_seqs={max_num_seqs}: this artifact was compiled for 1..{limit} sequences")
+        self.max_num_seqs = max_num_seqs or limit
+        if num_blocks is None:
+            if kv_cache_memory is not None:
+                num_blocks = blocks_for_memory(kv_cache_memory, spec.bytes_per_block)
+            else:
+                num_blocks = self.max_num_seqs * spec.max_blocks_per_seq + 1  # + the scratch block
+        self.block_manager = BlockManager(num_blocks, spec.block_size, enable_prefix_caching=enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.block_manager, max_num_seqs=self.max_num_seqs, max_num_batched_tokens=limits["max_num_batched_tokens"],
+            max_model_len=limits["max_model_len"], eos_token_id=manifest.special_tokens["eos"],
+            decode_batch_sizes=manifest.graphs["decode"]["batch_sizes"], require_padding_row=True,
+        )
+        self.runner = ModelRunner(manifest, self.block_manager, self.device)
+        self.sampler = Sampler()
+        self.tokenizer = load_tokenizer(manifest.model_dir)
+        self.stats = Stats()
+        self.load_seconds = time.perf_counter() - t0
+
+    # --- public API ------------------------------------------------------------------------------
+    def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs in the order of `prompts`."""
+        outputs: dict[int, RequestOutput] = {}
+        for event in self.stream(prompts, sampling_params):
+            if event.output is not None:
+                outputs[event.index] = event.output
+        return [outputs[i] for i in sorted(outputs)]
+
+    def stream(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None
+               ) -> Iterator[StreamEvent]:
+        """Yield each request's tokens as they are produced (continuous batching across all)."""
+        prompts = self._as_list(prompts)
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        index, detok = {}, {}
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+            seq = Sequence(ids, p, request_id=str(i), prompt=prompt if isinstance(prompt, str) else None)
+            index[seq.seq_id], detok[seq.seq_id] = i, Detokenizer(self.tokenizer)
+            self.scheduler.add(seq)
+        yield from self._drain(index, detok)
+        while not self.scheduler.is_finished():
+            seqs, is_prefill = self.scheduler.schedule()
+            if not seqs:
+                yield from self._drain(index, detok)
+                continue
+            tokens = self._step(seqs, is_prefill)
+            self.scheduler.postprocess(seqs, tokens.tolist())
+            for seq, token in zip(seqs, tokens.tolist()):
+                d = detok[seq.seq_id]
+                delta = d.push(token)
+                stops = seq.sampling_params.stop
+                if stops and not seq.is_finished:
+                    cut = stop_string_hit(d.text, stops, d.checked)
+                    d.checked = len(d.text)
+                    if cut is not None:
+                        delta = delta[: max(0, len(delta) - (len(d.text) - cut))]
+                        d.truncate(cut)
+                        self.scheduler.finish(seq, "stop")
+                yield StreamEvent(index[seq.seq_id], token, delta, seq.is_finished)
+            yield from self._drain(index, detok)
+        self.stats.prefix_cache_hit_blocks = self.block_manager.stats.hit_blocks
+
+    # --- internals -------------------------------------------------------------------------------
+    def _as_list(self, prompts) -> list[Prompt]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            return [prompts]
+        return list(prompts)
+
+    def _step(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
+        start = time.perf_counter()
+        if is_prefill:
+            logits = self.runner.prefill(seqs)
+            self.runner.forget_decode_batch()
+            tokens = self.sampler(logits, seqs)
+            self.stats.prefill_tokens += sum(len(s) - s.num_cached_tokens for s in seqs)
+            self.stats.prefill_seconds += time.perf_counter() - start
+            self.stats.steps["prefill"] += 1
+        else:
+            bucket = self.scheduler.decode_bucket(len(seqs))
+            logits = self.runner.decode(seqs, bucket)
+            tokens = self.sampler(logits, seqs)
+            self.runner.advance(seqs, tokens, bucket)
+            self.stats.decode_tokens += len(seqs)
+            self.stats.decode_seconds += time.perf_counter() - start
+            self.stats.steps["decode"] += 1
+        return tokens
+
+    def _drain(self, index: dict[int, int], detok: dict) -> Iterator[StreamEvent]:
+        """Final events for requests that ended (including ones refused or aborted)."""
+        for seq in self.scheduler.pop_finished():
+            d = detok.get(seq.seq_id)
+            out = seq.output(text=d.text if d else "")
+            yield StreamEvent(index[seq.seq_id], -1, "", True, output=out)

@@ -1,0 +1,157 @@
+"""Runs the artifact's graphs over the KV pools: builds and pads their inputs, calls them, and moves
+the decode inputs forward in place with `npu_advance_step_flashattn` between steps."""
+from __future__ import annotations
+
+import torch
+
+from ..artifact import Manifest
+from ..spec import DTYPES, cache_input_names
+from .block_manager import BlockManager
+from .graphs import load_graphs
+from .sequence import Sequence
+
+I64 = torch.int64
+
+
+class ModelRunner:
+    """The KV pools and the graphs of one artifact.
+
+    Decode inputs live in persistent tensors sized to the largest decode bucket. After a step the
+    advance-step op writes the sampled tokens, positions, lengths and slots into them; the next
+    step reuses them as they are when the batch is the same sequences in the same order, and only
+    patches rows whose block table grew. Any other batch is rebuilt from the sequences.
+    """
+
+    def __init__(self, manifest: Manifest, block_manager: BlockManager, device: torch.device):
+        self.spec = manifest.kv
+        self.bm = block_manager
+        self.device = device
+        self.graphs = load_graphs(manifest, device)
+        # The KV pool is allocated after the graphs exist (they share the device's memory).
+        dtype = DTYPES[self.spec.dtype]
+        self.pools = [torch.zeros(self.spec.pool_shape(block_manager.num_blocks), dtype=dtype, device=device)
+                      for _ in cache_input_names(self.spec.num_layers)]
+        self.max_batch = max(manifest.graphs["decode"]["batch_sizes"])
+        self.token_buckets = manifest.graphs["prefill"].get("token_buckets")
+        self.scratch_row = torch.full((self.spec.max_blocks_per_seq,), block_manager.scratch_block, dtype=torch.int32)
+        b, m = self.max_batch, self.spec.max_blocks_per_seq
+        self.input_ids = torch.zeros(b, dtype=I64, device=device)
+        self.positions = torch.zeros(b, dtype=I64, device=device)
+        self.seq_lens = torch.ones(b, dtype=I64, device=device)
+        self.slot_mapping = torch.full((b,), block_manager.scratch_slot, dtype=I64, device=device)
+        self.block_table = self.scratch_row.repeat(b, 1).to(device)
+        self._rows: list[int] = []  # seq_id per row as of the last advance step
+        self._table_lens: list[int] = []
+
+    # --- prefill ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Logits (len(seqs), V) at each sequence's last token. Sequences with a prefix-cache hit
+        run one by one through the extend graph (after the packed prefill has written its KV, so a
+        hit on a block filled in this same batch reads finished data)."""
+        fresh = [s for s in seqs if s.num_cached_tokens == 0]
+        logits: dict[int, torch.Tensor] = {}
+        if fresh:
+            for seq, row in zip(fresh, self._packed_prefill(fresh)):
+                logits[seq.seq_id] = row
+        for seq in seqs:
+            if seq.num_cached_tokens:
+                logits[seq.seq_id] = self._extend(seq)
+        return torch.stack([logits[s.seq_id] for s in seqs])
+
+    def _packed_prefill(self, seqs: list[Sequence]) -> torch.Tensor:
+        ids, pos, slots, ends = [], [], [], []
+        for seq in seqs:
+            n = len(seq)
+            ids += seq.token_ids
+            pos += range(n)
+            slots += self.bm.slots(seq, 0, n)
+            ends.append(len(ids))
+        total = len(ids)
+        padded = self._token_bucket(total)
+        if padded > total:  # one dummy sequence whose KV goes to the scratch block
+            pad = padded - total
+            ids += [0] * pad
+            pos += range(pad)
+            slots += [self.bm.scratch_slot + i % self.spec.block_size for i in range(pad)]
+            ends.append(padded)
+        t = lambda xs: torch.tensor(xs, dtype=I64, device=self.device)  # noqa: E731
+        last = [e - 1 for e in ends[:len(seqs)]]
+        return self.graphs["prefill"](t(ids)[None], t(pos)[None], t(last), t(ends), t(slots), *self.pools)
+
+    def _token_bucket(self, total: int) -> int:
+        if not self.token_buckets:
+            return total
+        for size in self.token_buckets:
+            if size >= total:
+                return size
+        raise ValueError(f"prefill of {total} tokens exceeds the largest prefill bucket {self.token_buckets[-1]}")
+
+    def _extend(self, seq: Sequence) -> torch.Tensor:
+        start, n = seq.num_cached_tokens, len(seq)
+        t = lambda xs: torch.tensor(xs, dtype=I64, device=self.device)  # noqa: E731
+        table = self._table_row(seq)[None]
+        out = self.graphs["extend"](t(seq.token_ids[start:])[None], t(range(start, n))[None], t([n - start - 1]),
+                                    table, t([n]), t(self.bm.slots(seq, start, n)), *self.pools)
+        return out[0]
+
+    def _table_row(self, seq: Sequence) -> torch.Tensor:
+        row = self.scratch_row.clone()
+        row[:len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+        return row.to(self.device)
+
+    # --- decode ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, seqs: list[Sequence], bucket: int) -> torch.Tensor:
+        """Logits (bucket, V) for one new token per sequence; rows past len(seqs) are padding."""
+        if [s.seq_id for s in seqs] == self._rows:
+            self._patch_grown_tables(seqs)
+        else:
+            self._rebuild(seqs)
+        b = bucket
+        return self.graphs["decode"](
+            self.input_ids[:b, None], self.positions[:b, None], self.block_table[:b], self.seq_lens[:b],
+            self.slot_mapping[:b], *self.pools,
+        )
+
+    def _rebuild(self, seqs: list[Sequence]) -> None:
+        n = len(seqs)
+        self.input_ids.zero_()
+        self.positions.zero_()
+        self.seq_lens.fill_(1)  # padding rows: length 1 in the scratch block
+        self.slot_mapping.fill_(self.bm.scratch_slot)
+        self.block_table.copy_(self.scratch_row.expand_as(self.block_table))
+        if n:
+            t = lambda xs: torch.tensor(xs, dtype=I64, device=self.device)  # noqa: E731
+            self.input_ids[:n] = t([s.last_token for s in seqs])
+            self.positions[:n] = t([len(s) - 1 for s in seqs])
+            self.seq_lens[:n] = t([len(s) for s in seqs])
+            self.slot_mapping[:n] = t([self.bm.slot(s, len(s) - 1) for s in seqs])
+            for i, s in enumerate(seqs):
+                self.block_table[i] = self._table_row(s)
+        self._rows = [s.seq_id for s in seqs]
+        self._table_lens = [len(s.block_table) for s in seqs]
+
+    def _patch_grown_tables(self, seqs: list[Sequence]) -> None:
+        """A sequence that crossed into a new block since the advance step: write the new table
+        entry and its slot (the advance step read the table before the block existed)."""
+        for i, seq in enumerate(seqs):
+            if len(seq.block_table) != self._table_lens[i]:
+                self.block_table[i] = self._table_row(seq)
+                self.slot_mapping[i] = self.bm.slot(seq, len(seq) - 1)
+                self._table_lens[i] = len(seq.block_table)
+
+    @torch.no_grad()
+    def advance(self, seqs: list[Sequence], sampled: torch.Tensor, bucket: int) -> None:
+        """Move the decode inputs of `seqs` (rows 0..n-1 of a `bucket`-row batch) to their next
+        token in place: the vLLM step the NPU runs eagerly between graph calls."""
+        torch.ops.graphgen.npu_advance_step_flashattn(
+            self.input_ids[:bucket], sampled.to(device=self.device, dtype=I64), self.positions[:bucket],
+            self.seq_lens[:bucket], self.slot_mapping[:bucket], self.block_table[:bucket],
+            bucket, len(seqs), self.spec.block_size,
+        )
+        self._rows = [s.seq_id for s in seqs]
+
+    def forget_decode_batch(self) -> None:
+        """Force the next decode to rebuild its inputs (after a prefill changed the running set)."""
+        self._rows = []
