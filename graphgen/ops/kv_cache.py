@@ -69,7 +69,8 @@ def _check_nd_range(op: str, self: torch.Tensor, indices: torch.Tensor) -> None:
              "reserved scratch slot instead of -1")
 
 
-def _write_nd(self: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _index_tuple(indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(..., k) index rows -> k index tensors for index_put_ (one per leading dim of the target)."""
     return tuple(indices.to(torch.int64).unbind(-1))
 
 
@@ -77,7 +78,7 @@ def _write_nd(self: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, 
 def npu_scatter_nd_update_(self, indices, updates):
     _check_nd(ND, self, indices, updates)
     _check_nd_range(ND, self, indices)
-    self.index_put_(_write_nd(self, indices), updates)
+    self.index_put_(_index_tuple(indices), updates)
     return self
 
 
@@ -93,7 +94,7 @@ def kv_cache_scatter_(cache, indices, updates) -> None:
     (T, *cache.shape[k:]). Writes in place; returns nothing (graph-friendly)."""
     _check_nd(GRAPH, cache, indices, updates)
     _check_nd_range(GRAPH, cache, indices)
-    cache.index_put_(_write_nd(cache, indices), updates)
+    cache.index_put_(_index_tuple(indices), updates)
 
 
 @torch.library.register_fake(f"graphgen::{GRAPH}")
