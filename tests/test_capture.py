@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
@@ -23,7 +24,7 @@ from graphgen.capture.export import (
 from graphgen.capture.interface import UnsupportedAttention
 from graphgen.capture.load import ModelLoadError, load_model
 from graphgen.capture.tokenizer import BOS_ID, EOS_ID, PAD_ID, build_byte_tokenizer, save_byte_tokenizer
-from graphgen.recipe import Recipe
+from graphgen.recipe import Recipe, default_recipe
 
 from models import TINY, available, build_tiny, expected_windows, tiny_overrides
 
@@ -32,8 +33,6 @@ ATOL = 1e-5
 
 def _spec(overrides: dict, seed: int = 0, **model):
     body = {"name": "t", "model": {"config": overrides, "seed": seed, **model}}
-    import yaml
-
     return Recipe.from_yaml_text(yaml.safe_dump(body)).model
 
 
@@ -41,6 +40,7 @@ def _sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", list(TINY))
 def test_capture_matches_eager(model_type, tmp_path):
     if not available(model_type):
@@ -67,6 +67,18 @@ def test_capture_matches_eager(model_type, tmp_path):
 
     assert max_abs_error_vs_eager(ep, model, [(1, 5), (3, 11)]) < ATOL
     assert model.config._attn_implementation == "graphgen"  # restored after the eager reference run
+
+
+def test_default_recipe_captures(tmp_path):
+    recipe = default_recipe()
+    model, tok, ckpt = load_model(recipe.model, recipe.dtype, tmp_path)
+    assert ckpt == tmp_path / "checkpoint" and (ckpt / "model.safetensors").is_file()
+    ep, record = capture(model, max_batch=recipe.limits.max_num_seqs, max_seq_len=recipe.limits.max_model_len)
+    assert record.dims == {"batch": (1, 8), "seq": (1, 256)}
+    assert [s.layer_idx for s in record.attention] == [0, 1]
+    ids = tok(recipe.verify.prompts, padding=False)["input_ids"][0]
+    assert max(ids) < model.config.vocab_size
+    assert max_abs_error_vs_eager(ep, model, [(1, len(ids)), (2, 3)]) < ATOL
 
 
 def test_tiny_models_are_sensitive_to_attention_attributes(tmp_path):
@@ -128,8 +140,11 @@ def test_sdpa_model_captures_without_canonical_nodes():
 def test_padding_mask_is_refused_not_dropped(tmp_path):
     model, _, _ = load_model(_spec(tiny_overrides("llama")), "float32", tmp_path)
     ids = torch.randint(0, 300, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    model(input_ids=ids, attention_mask=mask, use_cache=False)  # all ones: nothing to drop
+    mask[1, :2] = 0
     with pytest.raises(UnsupportedAttention, match="padding attention_mask"):
-        model(input_ids=ids, attention_mask=torch.ones(2, 6, dtype=torch.long), use_cache=False)
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
 
 
 def test_checkpoint_is_deterministic(tmp_path):

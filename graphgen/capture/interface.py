@@ -6,6 +6,7 @@ and asks `ALL_MASK_ATTENTION_FUNCTIONS[...]` for the mask. Registering "graphgen
 each attention layer into exactly one canonical node whose attributes say what the mask meant.
 Only what the model passes is used (no model_type special cases): e.g. Gemma-3 keeps
 attn_logit_softcapping in its config but never passes `softcap`, so its eager path has none either.
+It is for capture: current tokens only (use_cache=False), no padding; anything else is refused.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
+from transformers.utils.import_utils import is_tracing
 
 import graphgen.ops  # noqa: F401  (defines torch.ops.graphgen.attention)
 
@@ -80,8 +82,9 @@ def graphgen_attention(
 
 def no_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> None:
     """The mask function for "graphgen": causality and windows are node attributes, so no mask is built.
-    A padding mask cannot be expressed that way, so it is refused rather than dropped."""
-    if attention_mask is not None:
+    A padding mask cannot be expressed that way, so it is refused rather than dropped (an all-ones
+    mask, as tokenizers return, is fine when it can be checked, i.e. outside tracing)."""
+    if attention_mask is not None and not (not is_tracing(attention_mask) and bool(attention_mask.all())):
         raise UnsupportedAttention(
             "a 2D padding attention_mask was passed; graphgen captures without padding (the paged graphs take "
             "sequence lengths instead). Call the model without attention_mask."
