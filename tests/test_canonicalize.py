@@ -15,6 +15,7 @@ ATOL = 1e-5
 SDPA_MODELS = ["llama", "qwen2", "mistral", "gpt2", "gpt_neox"]  # gemma2/gpt_oss: transformers has no SDPA path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", SDPA_MODELS)
 def test_sdpa_model_becomes_canonical(model_type):
     model = build_tiny(model_type, attn_implementation="sdpa")
