@@ -292,6 +292,11 @@ def _conflicts(r: Recipe) -> list[Problem]:
         out.append((where, f"give exactly one of path | config | hub (got {', '.join(given) or 'none'})"))
     if m.config is not None and not isinstance(m.config.get("model_type"), str):
         out.append((("model", "config"), "needs model_type (e.g. llama, qwen2, mistral) to pick the HF config class"))
+    head_dim = _config_head_dim(m.config)
+    if r.head_dim_padding == "reject" and head_dim is not None and head_dim % 16:
+        out.append((("head_dim_padding",), f"reject, but model.config gives head_dim {head_dim}, not a multiple of 16; "
+                                           "use head_dim_padding: pad (exact: zero columns) or a head_dim like "
+                                           f"{-(-head_dim // 16) * 16}"))
     if "seed" in m.model_fields_set and m.config is None:
         out.append((("model", "seed"), "seed only applies to model.config (random init); remove it"))
     if m.revision is not None and m.hub is None:
@@ -336,6 +341,18 @@ def _conflicts(r: Recipe) -> list[Problem]:
     if r.verify.max_new_tokens < 1:
         out.append((("verify", "max_new_tokens"), f"{r.verify.max_new_tokens} must be >= 1"))
     return out
+
+
+def _config_head_dim(config: dict[str, Any] | None) -> int | None:
+    """head_dim as HF derives it, when the config overrides say enough (else the model decides at load)."""
+    if not config:
+        return None
+    if isinstance(config.get("head_dim"), int):
+        return config["head_dim"]
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+        return hidden // heads
+    return None
 
 
 def _summary(problems: list[Problem]) -> str:

@@ -77,6 +77,11 @@ def test_normalized_fills_defaults_and_is_stable():
     assert Recipe.from_yaml_text(minimal.replace("name: m", "name: n")).fingerprint() != a.fingerprint()
 
 
+def test_head_dim_reject_accepts_aligned_and_pad_accepts_any():
+    Recipe.from_yaml_text(_edit("head_dim_padding: pad", "head_dim_padding: reject"))
+    Recipe.from_yaml_text(_edit("head_dim: 16", "head_dim: 24"))
+
+
 def test_derived_defaults_follow_target_and_limits():
     r = Recipe.from_yaml_text("name: m\nmodel: {hub: a/b}\ntarget: npu\ndtype: bfloat16\nlimits: {max_num_seqs: 12}\n")
     assert r.compile.backend == "torchair" and r.compile.torchair.mode == "max-autotune"
@@ -186,6 +191,8 @@ CROSS = [
                  "max_num_batched_tokens", "below max_num_seqs (8)", id="batched-tokens"),
     pytest.param([("  seed: 0\n", "  seed: 0\n  hub: org/model\n")], "model.hub", "hub:",
                  "exactly one of path | config | hub (got config, hub)", id="two-sources"),
+    pytest.param([("head_dim_padding: pad", "head_dim_padding: reject"), ("head_dim: 16", "head_dim: 24")],
+                 "head_dim_padding", "head_dim_padding", "head_dim 24, not a multiple of 16", id="head-dim-reject"),
     pytest.param([("max_new_tokens: 16", "max_new_tokens: 0")], "verify.max_new_tokens", "max_new_tokens",
                  "0 must be >= 1", id="max-new-tokens"),
 ]
