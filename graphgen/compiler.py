@@ -12,7 +12,7 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -257,11 +257,7 @@ def compile_recipe(
         lowered, weight_maps, extra_constants, graphs = [], {}, {}, {}
         for phase, inputs in PHASE_INPUTS.items():
             say("passes", f"{phase}: paged attention rewrite")
-            gm = plain_graph_module(ep)
-            if "logits_indices" in inputs:
-                _add_logits_indices(gm)
-            gm, rec = paged_attention(gm, phase, spec)
-            _select_output(gm, 1 if phase == "decode" else 0)
+            gm, rec = paged_graph_module(ep, phase, spec)
             result.attention_rewritten[phase] = rec.matched
             ex, dims = _example_inputs(phase, spec, recipe, device)
             with torch.no_grad():
@@ -320,6 +316,17 @@ def compile_recipe(
     return result
 
 
+def paged_graph_module(ep: torch.export.ExportedProgram, phase: str, spec: KVSpec):
+    """The canonical program as the `phase` graph (eager GraphModule, inputs per PHASE_INPUTS and
+    the pools), before re-export: what the backends compile and what pass tests run directly."""
+    gm = plain_graph_module(ep)
+    if "logits_indices" in PHASE_INPUTS[phase]:
+        _add_logits_indices(gm)
+    gm, record = paged_attention(gm, phase, spec)
+    _select_output(gm, 1 if phase == "decode" else 0)
+    return gm, record
+
+
 def _add_logits_indices(gm: fx.GraphModule) -> None:
     """Prefill packs all sequences into one row: compute logits only at each sequence's last
     token. Adds input `logits_indices` (K,) and gathers the hidden states before the LM head."""
@@ -351,4 +358,4 @@ def _lint_summary(report: LintReport) -> dict:
     }
 
 
-__all__ = ["CompileError", "CompileResult", "build_key", "compile_recipe", "kv_spec_for", "asdict"]
+__all__ = ["CompileError", "CompileResult", "build_key", "compile_recipe", "kv_spec_for", "paged_graph_module"]

@@ -24,8 +24,9 @@ Prompt = str | list[int]
 class StreamEvent:
     """One step of one request: the token it produced and the text it added (`text` so far)."""
 
-    index: int  # position of the request in the prompts given
-    token_id: int
+    index: int  # position of the request in the prompts given to `stream` (-1 from `step`)
+    request_id: str
+    token_id: int  # -1 on the final event
     text_delta: str
     finished: bool
     output: RequestOutput | None = None  # set on the last event of the request
@@ -98,6 +99,8 @@ class LLM:
         self.sampler = Sampler()
         self.tokenizer = load_tokenizer(manifest.model_dir)
         self.stats = Stats()
+        self._detok: dict[int, Detokenizer] = {}
+        self._unfinished: set[str] = set()
         self.load_seconds = time.perf_counter() - t0
 
     # --- public API ------------------------------------------------------------------------------
@@ -112,45 +115,69 @@ class LLM:
 
     def stream(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None
                ) -> Iterator[StreamEvent]:
-        """Yield each request's tokens as they are produced (continuous batching across all)."""
+        """Yield each request's tokens as they are produced (continuous batching across all);
+        `event.index` is the request's position in `prompts`."""
         prompts = self._as_list(prompts)
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
-        index, detok = {}, {}
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
-            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-            seq = Sequence(ids, p, request_id=str(i), prompt=prompt if isinstance(prompt, str) else None)
-            index[seq.seq_id], detok[seq.seq_id] = i, Detokenizer(self.tokenizer)
-            self.scheduler.add(seq)
-        yield from self._drain(index, detok)
-        while not self.scheduler.is_finished():
-            seqs, is_prefill = self.scheduler.schedule()
-            if not seqs:
-                yield from self._drain(index, detok)
-                continue
-            tokens = self._step(seqs, is_prefill)
-            self.scheduler.postprocess(seqs, tokens.tolist())
-            for seq, token in zip(seqs, tokens.tolist()):
-                d = detok[seq.seq_id]
-                delta = d.push(token)
-                stops = seq.sampling_params.stop
-                if stops and not seq.is_finished:
-                    cut = stop_string_hit(d.text, stops, d.checked)
-                    d.checked = len(d.text)
-                    if cut is not None:
-                        delta = delta[: max(0, len(delta) - (len(d.text) - cut))]
-                        d.truncate(cut)
-                        self.scheduler.finish(seq, "stop")
-                yield StreamEvent(index[seq.seq_id], token, delta, seq.is_finished)
-            yield from self._drain(index, detok)
+        index = {self.add_request(prompt, p): i for i, (prompt, p) in enumerate(zip(prompts, params))}
+        while self.has_unfinished_requests():
+            for event in self.step():
+                event.index = index[event.request_id]
+                yield event
+
+    def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> str:
+        """Queue one request (text or token ids); it joins the running batch at the next `step`."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        seq = Sequence(ids, sampling_params or SamplingParams(), prompt=prompt if isinstance(prompt, str) else None)
+        self._detok[seq.seq_id] = Detokenizer(self.tokenizer)
+        self._unfinished.add(seq.request_id)
+        self.scheduler.add(seq)
+        return seq.request_id
+
+    def abort_request(self, request_id: str) -> bool:
+        return self.scheduler.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._unfinished)
+
+    def step(self) -> list[StreamEvent]:
+        """One scheduler step (a prefill or a decode of the running batch): the tokens it produced,
+        then a final event (with `output`) for every request that ended."""
+        events = []
+        seqs, is_prefill = self.scheduler.schedule()
+        if seqs:
+            tokens = self._step(seqs, is_prefill).tolist()
+            self.scheduler.postprocess(seqs, tokens)
+            for seq, token in zip(seqs, tokens):
+                events.append(StreamEvent(-1, seq.request_id, token, self._text_delta(seq, token), seq.is_finished))
+        for seq in self.scheduler.pop_finished():
+            d = self._detok.pop(seq.seq_id, None)
+            self._unfinished.discard(seq.request_id)
+            events.append(StreamEvent(-1, seq.request_id, -1, "", True, output=seq.output(text=d.text if d else "")))
         self.stats.prefix_cache_hit_blocks = self.block_manager.stats.hit_blocks
+        return events
 
     # --- internals -------------------------------------------------------------------------------
     def _as_list(self, prompts) -> list[Prompt]:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             return [prompts]
         return list(prompts)
+
+    def _text_delta(self, seq: Sequence, token: int) -> str:
+        """Detokenize the new token; end the request when a stop string appears (text cut there)."""
+        d = self._detok[seq.seq_id]
+        delta = d.push(token)
+        stops = seq.sampling_params.stop
+        if stops and not seq.is_finished:
+            cut = stop_string_hit(d.text, stops, d.checked)
+            d.checked = len(d.text)
+            if cut is not None:
+                delta = delta[: max(0, len(delta) - (len(d.text) - cut))]
+                d.truncate(cut)
+                self.scheduler.finish(seq, "stop")
+        return delta
 
     def _step(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
         start = time.perf_counter()
@@ -170,10 +197,3 @@ class LLM:
             self.stats.decode_seconds += time.perf_counter() - start
             self.stats.steps["decode"] += 1
         return tokens
-
-    def _drain(self, index: dict[int, int], detok: dict) -> Iterator[StreamEvent]:
-        """Final events for requests that ended (including ones refused or aborted)."""
-        for seq in self.scheduler.pop_finished():
-            d = detok.get(seq.seq_id)
-            out = seq.output(text=d.text if d else "")
-            yield StreamEvent(index[seq.seq_id], -1, "", True, output=out)

@@ -1,0 +1,257 @@
+"""`graphgen compile|run|verify|inspect|doctor|bench`: the command line (typer + rich)."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console(stderr=True)
+out = Console()
+
+
+def _fail(message: str, code: int = 1) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _load_recipe(recipe: Optional[Path]):
+    from .recipe import RecipeError, default_recipe, load_recipe
+
+    try:
+        return default_recipe() if recipe is None else load_recipe(recipe)
+    except RecipeError as e:
+        _fail(str(e), 2)
+
+
+@app.command("compile")
+def compile_cmd(
+    recipe: Optional[Path] = typer.Argument(None, help="recipe YAML (default: the embedded tiny-llama)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="artifact directory (default: the recipe's output)"),
+    target: Optional[str] = typer.Option(None, help="override the recipe's target: cpu | cuda | npu"),
+    force: bool = typer.Option(False, "--force", help="rebuild even when the artifact is up to date"),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="verify the artifact against HF eager afterwards"),
+) -> None:
+    """Compile a recipe into an artifact: capture, paged-attention rewrite, lint, backend, package."""
+    from .compiler import CompileError, compile_recipe
+
+    r = _load_recipe(recipe)
+    start = time.perf_counter()
+    with console.status("compiling", spinner="dots") as status:
+        def progress(stage: str, detail: str) -> None:
+            console.print(f"[dim]{time.perf_counter() - start:6.1f}s[/] [bold cyan]{stage:>10}[/] {detail}", highlight=False)
+            status.update(f"{stage}: {detail}")
+
+        try:
+            result = compile_recipe(r, output=output, target=target, force=force, progress=progress)
+        except (CompileError, NotImplementedError) as e:
+            _fail(str(e))
+    if result.up_to_date:
+        console.print(f"[green]up to date[/] {result.path} (use --force to rebuild)")
+    else:
+        _print_compile_summary(result)
+    if verify and not result.up_to_date:
+        _run_verify(result.path, prompts=None, max_new_tokens=None, as_json=False, layers=False)
+
+
+def _print_compile_summary(result) -> None:
+    table = Table(title=f"compiled {result.path}", show_header=True)
+    table.add_column("graph")
+    table.add_column("file")
+    table.add_column("attention nodes rewritten", justify="right")
+    table.add_column("size", justify="right")
+    for phase, rel in result.graphs.items():
+        table.add_row(phase, rel, str(result.attention_rewritten.get(phase, 0)), _size(result.sizes.get(rel, 0)))
+    console.print(table)
+    lint = result.lint
+    verdict = "[green]NPU-expressible[/]" if lint.get("npu_expressible") else "[yellow]not NPU-portable[/]"
+    console.print(f"lint: {verdict}, {lint.get('errors', 0)} error(s)")
+    for line in lint.get("findings", []):
+        console.print(f"  {line}", highlight=False, markup=False)
+    console.print(f"total {_size(sum(result.sizes.values()))} in {result.seconds:.1f}s")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@app.command()
+def inspect(artifact: Path = typer.Argument(..., help="artifact directory"),
+            as_json: bool = typer.Option(False, "--json", help="print the manifest summary and lint report as JSON")) -> None:
+    """Show an artifact: model, KV spec, graphs and their inputs, lint findings."""
+    from .artifact import ArtifactError, read_manifest
+
+    try:
+        m = read_manifest(artifact, verify=False)
+    except ArtifactError as e:
+        _fail(str(e))
+    lint_path = m.path("report/lint.json")
+    lint = json.loads(lint_path.read_text()) if lint_path.is_file() else None
+    summary = {
+        "name": m.data["name"], "target": m.data["target"], "dtype": m.data["dtype"],
+        "model_type": m.data["model_config"].get("model_type"), "kv": m.data["kv"], "limits": m.limits,
+        "graphs": {p: {k: g[k] for k in ("file", "format", "inputs") if k in g} | {
+            k: g[k] for k in ("batch_sizes", "token_buckets") if k in g} for p, g in m.graphs.items()},
+        "npu_portable": m.data.get("npu_portable"), "versions": m.data.get("versions"), "lint": lint,
+    }
+    if as_json:
+        out.print_json(json.dumps(summary))
+        return
+    out.print(f"[bold]{summary['name']}[/] ({summary['model_type']}, {summary['dtype']}, target {summary['target']})")
+    out.print(f"KV cache: {m.data['kv']}")
+    table = Table("graph", "format", "inputs", "buckets")
+    for phase, g in summary["graphs"].items():
+        buckets = g.get("batch_sizes") or g.get("token_buckets") or "dynamic"
+        table.add_row(phase, g["format"], ", ".join(g["inputs"]), str(buckets))
+    out.print(table)
+    if lint is not None:
+        verdict = "NPU-expressible" if lint["npu_expressible"] else "NOT NPU-expressible"
+        out.print(f"lint ({lint['checked_nodes']} attention nodes checked): {verdict}")
+        for f in lint["findings"]:
+            where = f"layer {f['layer']}" if f["layer"] is not None else "graph"
+            out.print(f"  [{f['severity']}] {f['rule']} ({where}, {f['node']}): {f['value']} -> {f['fix']}",
+                      highlight=False, markup=False)
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        _fail(f"--prompt-ids {text!r}: give comma-separated token ids, e.g. --prompt-ids 1,2,3")
+
+
+@app.command()
+def run(
+    artifact: Path = typer.Argument(..., help="artifact directory"),
+    prompt: list[str] = typer.Option([], "--prompt", "-p", help="a text prompt (repeatable)"),
+    prompt_ids: list[str] = typer.Option([], "--prompt-ids", help="a prompt as token ids, e.g. 1,2,3 (repeatable)"),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.0),
+    top_k: int = typer.Option(0, "--top-k"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: Optional[int] = typer.Option(None),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="keep generating past EOS"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object with outputs and stats"),
+) -> None:
+    """Generate from an artifact with paged decoding; streams text, or prints JSON with --json."""
+    from .artifact import ArtifactError
+    from .runtime.engine import LLM
+    from .runtime.params import SamplingParams
+
+    prompts: list = list(prompt) + [_parse_ids(p) for p in prompt_ids]
+    if not prompts:
+        _fail("give at least one --prompt TEXT or --prompt-ids 1,2,3")
+    try:
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                seed=seed, ignore_eos=ignore_eos)
+        llm = LLM(artifact)
+    except (ArtifactError, ValueError) as e:
+        _fail(str(e))
+    start = time.perf_counter()
+    results: dict[int, object] = {}
+    for event in llm.stream(prompts, params):
+        if event.output is not None:
+            results[event.index] = event.output
+            if not as_json and event.output.error:
+                console.print(f"[red]request {event.index} failed:[/] {event.output.error}")
+        elif not as_json and len(prompts) == 1:
+            out.print(event.text_delta, end="", highlight=False, markup=False)
+    elapsed = time.perf_counter() - start
+    outputs = [results[i] for i in sorted(results)]
+    stats = llm.stats.to_dict() | {"load_seconds": round(llm.load_seconds, 3), "total_seconds": round(elapsed, 3)}
+    if as_json:
+        payload = {"outputs": [{"prompt_token_ids": o.prompt_token_ids, "token_ids": o.token_ids, "text": o.text,
+                                "finish_reason": o.finish_reason, **({"error": o.error} if o.error else {})}
+                               for o in outputs], "stats": stats}
+        sys.stdout.write(json.dumps(payload) + "\n")
+        return
+    if len(prompts) == 1:
+        out.print()
+    else:
+        for i, o in enumerate(outputs):
+            label = prompts[i] if isinstance(prompts[i], str) else f"ids {prompts[i]}"
+            out.print(f"[bold]{label!r}[/] -> {o.text!r} [dim]({o.finish_reason}, {len(o.token_ids)} tokens)[/]")
+    console.print(f"[dim]prefill {stats['prefill_tokens_per_s']} tok/s, decode {stats['decode_tokens_per_s']} tok/s, "
+                  f"load {stats['load_seconds']}s[/]")
+
+
+def _run_verify(artifact: Path, *, prompts, max_new_tokens, as_json: bool, layers: bool) -> None:
+    try:
+        from .verify import print_report, verify_artifact
+    except ImportError:
+        console.print("[yellow]verify is not available in this build; skipped[/]")
+        return
+    report = verify_artifact(artifact, prompts=prompts, max_new_tokens=max_new_tokens, layers=layers)
+    if as_json:
+        sys.stdout.write(json.dumps(report.to_dict()) + "\n")
+    else:
+        print_report(report, console)
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def verify(
+    artifact: Path = typer.Argument(..., help="artifact directory"),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="a file with one prompt per line"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n"),
+    as_json: bool = typer.Option(False, "--json"),
+    layers: bool = typer.Option(False, "--layers", help="also find the first layer whose hidden state diverges"),
+) -> None:
+    """Compare the artifact with HF eager on the same checkpoint, in tiers; non-zero exit on failure."""
+    texts = None
+    if prompts is not None:
+        if not prompts.is_file():
+            _fail(f"--prompts {prompts}: no such file")
+        texts = [line for line in prompts.read_text().splitlines() if line.strip()]
+    _run_verify(artifact, prompts=texts, max_new_tokens=max_new_tokens, as_json=as_json, layers=layers)
+
+
+@app.command()
+def doctor(recipe: Optional[Path] = typer.Argument(None, help="recipe whose target to check")) -> None:
+    """What this machine has (torch, transformers, torch_npu, torchair, CANN, devices) and can build."""
+    try:
+        from .doctor import doctor as run_doctor, print_doctor
+    except ImportError:
+        _fail("doctor is not available in this build")
+    report, code = run_doctor(str(recipe) if recipe else None)
+    print_doctor(report, out)
+    raise typer.Exit(code)
+
+
+@app.command()
+def demo(
+    output: Path = typer.Option(Path("artifacts/tiny-llama"), "--output", "-o"),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", "-n"),
+) -> None:
+    """The main job on the embedded default: compile tiny-llama (verify included) and run it."""
+    compile_cmd(recipe=None, output=output, target=None, force=False, verify=True)
+    from .runtime.engine import LLM
+    from .runtime.params import SamplingParams
+
+    llm = LLM(output)
+    r = _load_recipe(None)
+    outs = llm.generate(list(r.verify.prompts), SamplingParams(max_tokens=max_new_tokens))
+    for prompt, o in zip(r.verify.prompts, outs):
+        out.print(f"[bold]{prompt!r}[/] -> {o.text!r} [dim]({o.finish_reason}, {len(o.token_ids)} tokens: {o.token_ids})[/]",
+                  highlight=False)
+    stats = llm.stats.to_dict()
+    console.print(f"[dim]prefill {stats['prefill_tokens_per_s']} tok/s, decode {stats['decode_tokens_per_s']} tok/s[/]")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

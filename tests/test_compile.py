@@ -1,0 +1,178 @@
+"""graphgen compile: paged passes vs the canonical graph, the tiny artifact vs HF eager, packaging."""
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from graphgen.artifact import read_manifest
+from graphgen.capture.export import capture
+from graphgen.capture.load import load_model
+from graphgen.compiler import compile_recipe, kv_spec_for, paged_graph_module
+from graphgen.recipe import Recipe, default_recipe
+from graphgen.runtime.graphs import load_graphs
+from graphgen.spec import PHASE_INPUTS, cache_input_names
+
+PROMPTS = [[256, 72, 101, 108, 108, 111, 44, 32, 119], [256, 84, 104, 101], [256, 65, 66, 67, 68, 69, 70, 71, 72, 73,
+                                                                              74, 75, 76, 77, 78, 79, 80, 81]]
+
+
+def _hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, -1].float()
+
+
+class PagedCache:
+    """A hand-built paged cache: each sequence gets its own run of blocks after the scratch block 0."""
+
+    def __init__(self, spec, num_blocks=32):
+        self.spec = spec
+        self.pools = [torch.zeros(spec.pool_shape(num_blocks)) for _ in cache_input_names(spec.num_layers)]
+        self.tables = {}
+        self.next_block = 1
+
+    def blocks(self, i, length):
+        table = self.tables.setdefault(i, [])
+        while len(table) * self.spec.block_size < length:
+            table.append(self.next_block)
+            self.next_block += 1
+        return table
+
+    def slot(self, i, pos):
+        table = self.blocks(i, pos + 1)
+        return table[pos // self.spec.block_size] * self.spec.block_size + pos % self.spec.block_size
+
+    def table_tensor(self, rows):
+        t = torch.zeros(len(rows), self.spec.max_blocks_per_seq, dtype=torch.int32)
+        for r, i in enumerate(rows):
+            t[r, : len(self.tables[i])] = torch.tensor(self.tables[i], dtype=torch.int32)
+        return t
+
+
+def _prefill(graph, cache, prompts):
+    ids, pos, slots, ends = [], [], [], []
+    for i, p in enumerate(prompts):
+        ids += p
+        pos += range(len(p))
+        slots += [cache.slot(i, j) for j in range(len(p))]
+        ends.append(len(ids))
+    t = lambda x: torch.tensor(x, dtype=torch.int64)  # noqa: E731
+    return graph(t(ids)[None], t(pos)[None], t([e - 1 for e in ends]), t(ends), t(slots), *cache.pools)
+
+
+def _decode(graph, cache, seqs):
+    t = lambda x: torch.tensor(x, dtype=torch.int64)  # noqa: E731
+    slots = [cache.slot(i, len(s) - 1) for i, s in enumerate(seqs)]
+    return graph(t([[s[-1]] for s in seqs]), t([[len(s) - 1] for s in seqs]), cache.table_tensor(range(len(seqs))),
+                 t([len(s) for s in seqs]), t(slots), *cache.pools)
+
+
+def _check_prefill_and_decode(graphs, spec, hf, steps=3, atol=2e-5):
+    cache = PagedCache(spec)
+    logits = _prefill(graphs["prefill"], cache, PROMPTS)
+    seqs = [list(p) for p in PROMPTS]
+    for i, s in enumerate(seqs):
+        torch.testing.assert_close(logits[i].float(), _hf_logits(hf, s), atol=atol, rtol=0)
+    for _ in range(steps):
+        for i, s in enumerate(seqs):
+            s.append(int(logits[i].argmax()))
+        logits = _decode(graphs["decode"], cache, seqs)
+        for i, s in enumerate(seqs):
+            torch.testing.assert_close(logits[i].float(), _hf_logits(hf, s), atol=atol, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def captured(tmp_path_factory):
+    recipe = default_recipe()
+    model, _, checkpoint = load_model(recipe.model, recipe.dtype, tmp_path_factory.mktemp("ckpt"))
+    ep, record = capture(model, max_batch=8, max_seq_len=256)
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager").eval()
+    return recipe, model, ep, hf
+
+
+@pytest.mark.parametrize("layout", ["BSH", "BNSD"])
+def test_paged_passes_reproduce_hf_eager(captured, layout):
+    recipe, model, ep, hf = captured
+    recipe = Recipe.model_validate(recipe.normalized() | {"kv_cache": {"block_size": 16, "layout": layout, "dtype": "auto"}})
+    spec = kv_spec_for(recipe, model)
+    graphs, records = {}, {}
+    for phase in PHASE_INPUTS:
+        graphs[phase], records[phase] = paged_graph_module(ep, phase, spec)
+        assert records[phase].matched == spec.num_layers  # every canonical node rewritten
+        assert not [n for n in graphs[phase].graph.nodes if n.target is torch.ops.graphgen.attention.default]
+    _check_prefill_and_decode(graphs, spec, hf)
+
+
+def test_extend_graph_reads_the_cached_prefix(captured):
+    """A prefix-cache hit: the first 16 tokens are in the pool; extend computes only the tail."""
+    recipe, model, ep, hf = captured
+    spec = kv_spec_for(recipe, model)
+    prefill, _ = paged_graph_module(ep, "prefill", spec)
+    extend, _ = paged_graph_module(ep, "extend", spec)
+    cache = PagedCache(spec)
+    prompt = PROMPTS[2] + [33, 34, 35]
+    _prefill(prefill, cache, [prompt[:16]])
+    cache.tables[1] = list(cache.tables[0])  # sequence 1 shares the cached block
+    tail = list(range(16, len(prompt)))
+    t = lambda x: torch.tensor(x, dtype=torch.int64)  # noqa: E731
+    slots = [cache.slot(1, j) for j in tail]
+    logits = extend(t(prompt[16:])[None], t(tail)[None], t([len(tail) - 1]), cache.table_tensor([1]),
+                    t([len(prompt)]), t(slots), *cache.pools)
+    torch.testing.assert_close(logits[0], _hf_logits(hf, prompt), atol=2e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_tiny_artifact_graphs_reproduce_hf_eager(tiny_artifact):
+    """The compiled (AOTInductor) graphs, run directly on a hand-built paged cache."""
+    manifest = read_manifest(tiny_artifact)
+    graphs = load_graphs(manifest, torch.device("cpu"))
+    hf = AutoModelForCausalLM.from_pretrained(manifest.model_dir, attn_implementation="eager").eval()
+    _check_prefill_and_decode(graphs, manifest.kv, hf, steps=4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_tiny_artifact_manifest(tiny_artifact):
+    m = read_manifest(tiny_artifact)
+    assert set(m.graphs) == set(PHASE_INPUTS)
+    for phase, graph in m.graphs.items():
+        assert graph["format"] == "aoti"
+        assert graph["inputs"] == PHASE_INPUTS[phase] + cache_input_names(m.kv.num_layers)
+        # weights come from the checkpoint, not from inside the graph packages
+        assert all(src == "model" for src, _ in graph["weights"].values() if not _.startswith("compressed"))
+    assert m.data["versions"]["torch"] == torch.__version__
+    assert m.data["kv"]["layout"] == "BSH" and m.data["kv"]["block_size"] == 16
+    assert m.special_tokens["eos"] == [257]
+    assert not m.data["npu_portable"]  # fp32 is not an NPU dtype; the lint says so
+    lint = json.loads(m.path("report/lint.json").read_text())
+    assert any(f["rule"] == "dtype" for f in lint["findings"])
+    # the artifact is a loadable HF checkpoint
+    AutoModelForCausalLM.from_pretrained(m.model_dir)
+
+
+def test_recompile_is_a_noop_and_force_rebuilds(tiny_eager_artifact, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_eager_artifact, out)
+    recipe = Recipe.model_validate(read_manifest(out).data["recipe"])
+    again = compile_recipe(recipe, output=out)
+    assert again.up_to_date
+    before = read_manifest(out).data["files"]
+    rebuilt = compile_recipe(recipe, output=out, force=True)
+    assert not rebuilt.up_to_date and rebuilt.graphs
+    assert read_manifest(out).data["files"].keys() == before.keys()
+
+
+def test_eager_artifact_runs_and_is_checksummed(tiny_eager_artifact):
+    manifest = read_manifest(tiny_eager_artifact)
+    graphs = load_graphs(manifest, torch.device("cpu"))
+    hf = AutoModelForCausalLM.from_pretrained(manifest.model_dir, attn_implementation="eager").eval()
+    _check_prefill_and_decode(graphs, manifest.kv, hf, steps=2)
+
+
+def test_bf16_block128_recipe_is_npu_expressible(tmp_path):
+    data = default_recipe().normalized()
+    data.update(dtype="bfloat16", kv_cache={"block_size": 128, "layout": "BNSD", "dtype": "auto"})
+    data["compile"]["backend"] = "eager"
+    result = compile_recipe(Recipe.model_validate(data), output=tmp_path / "bf16")
+    assert result.lint["npu_expressible"], result.lint
+    assert read_manifest(result.path).data["npu_portable"] is True
