@@ -13,6 +13,11 @@ Per phase (DESIGN.md decision 4):
   including the new token), `block_size` and `num_key_value_heads`; a sliding window becomes an
   `atten_mask` over the pool positions.
 
+Layers the NPU ops cannot express (a logit softcap, attention sinks) take the portable path in
+every phase: the same KV writes, then `graphgen::varlen_attention` (prefill) or
+`graphgen::paged_attention` (extend, decode; graphgen/ops/paged_portable.py) with the node's softcap,
+sinks and window. Those graphs run on cpu/cuda; the lint reports them as not NPU-expressible.
+
 The pools, block tables, lengths, slot mappings and positions become explicit graph inputs
 (decision 2); only KV heads live in the pools (no repeat_kv). A head_dim that is not a multiple of
 16 is zero-padded, which is exact: padded query/key columns add 0 to Q.K^T and padded value
@@ -165,6 +170,51 @@ def extend_attention(
     return out[..., :dm]
 
 
+def prefill_attention_portable(
+    query, key, value, key_cache, value_cache, slot_mapping, cu_seq_lens, *, layout: str, block_size: int,
+    head_dim: int, scale: float, sliding_window: int, softcap: float, sinks=None,
+):
+    """prefill_attention for a layer with softcap/sinks: the new tokens attend to each other
+    (varlen, causal within each packed sequence) -> (1, T, N, Dm)."""
+    dm = query.shape[-1]
+    q = _pad_last(query[0].transpose(0, 1), head_dim)  # (T, N, D)
+    k = _pad_last(key[0].transpose(0, 1), head_dim)  # (T, Nkv, D)
+    v = _pad_last(value[0].transpose(0, 1), head_dim)
+    write_kv(key_cache, slot_mapping, k, layout=layout, block_size=block_size)
+    write_kv(value_cache, slot_mapping, v, layout=layout, block_size=block_size)
+    out = torch.ops.graphgen.varlen_attention(q, k, v, cu_seq_lens, scale=scale, sliding_window=sliding_window,
+                                              softcap=softcap, sinks=sinks)
+    return out[..., :dm].unsqueeze(0)
+
+
+def paged_attention_portable(
+    query, key, value, key_cache, value_cache, slot_mapping, block_table, seq_lens, *, layout: str,
+    block_size: int, head_dim: int, scale: float, sliding_window: int, softcap: float, sinks=None,
+):
+    """extend/decode_attention for a layer with softcap/sinks: query (B, N, Sq, Dm), key/value
+    (B, Nkv, Sq, Dm) of the new tokens (written first) -> (B, Sq, N, Dm) over the pool."""
+    dm, nkv = query.shape[-1], key.shape[1]
+    k = _pad_last(key.transpose(1, 2).flatten(0, 1), head_dim)  # (B*Sq, Nkv, D), slot order
+    v = _pad_last(value.transpose(1, 2).flatten(0, 1), head_dim)
+    write_kv(key_cache, slot_mapping, k, layout=layout, block_size=block_size)
+    write_kv(value_cache, slot_mapping, v, layout=layout, block_size=block_size)
+    out = torch.ops.graphgen.paged_attention(
+        _pad_last(query, head_dim), key_cache, value_cache, block_table, seq_lens, num_key_value_heads=nkv,
+        scale=scale, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
+    )
+    return out[..., :dm]
+
+
+def needs_portable(node: fx.Node) -> str | None:
+    """Why this canonical node cannot lower to IFA/PFA/FIA (and takes the portable path), or None."""
+    kw = node.kwargs
+    if kw.get("softcap", 0.0):
+        return f"logit softcap {kw['softcap']}"
+    if kw.get("sinks") is not None:
+        return "attention sinks"
+    return None
+
+
 def _placeholders(graph: fx.Graph) -> list[fx.Node]:
     return [n for n in graph.nodes if n.op == "placeholder"]
 
@@ -187,10 +237,6 @@ def _unsupported(node: fx.Node) -> str | None:
     kw = node.kwargs
     if not kw.get("causal", True):
         return "non-causal attention (a decoder LM is causal)"
-    if kw.get("softcap", 0.0):
-        return f"logit softcap {kw['softcap']} (no NPU flash-attention op applies a softcap)"
-    if kw.get("sinks") is not None:
-        return "attention sinks (IFA/PFA have no sink logit)"
     return None
 
 
@@ -199,7 +245,8 @@ def paged_attention(gm: fx.GraphModule, phase: str, spec: KVSpec) -> tuple[fx.Gr
 
     gm is a plain-codegen GraphModule whose user inputs are input_ids/position_ids(/logits_indices);
     the pass appends the phase's remaining inputs and the pools (names in graphgen.spec), in order.
-    Raises ValueError naming the layer when a node carries what the NPU ops cannot express.
+    Layers with a softcap or sinks take the portable ops (see the module docstring); raises
+    ValueError naming the layer for what no paged form expresses (non-causal attention).
     """
     if phase not in PHASE_INPUTS:
         raise ValueError(f"phase must be one of {sorted(PHASE_INPUTS)}, got {phase!r}")
@@ -223,8 +270,18 @@ def paged_attention(gm: fx.GraphModule, phase: str, spec: KVSpec) -> tuple[fx.Gr
             "layout": spec.layout, "block_size": spec.block_size, "head_dim": spec.head_dim,
             "scale": node.kwargs["scale"], "sliding_window": node.kwargs.get("sliding_window", 0),
         }
+        portable = needs_portable(node)
+        if portable:
+            attrs.update(softcap=float(node.kwargs.get("softcap", 0.0)), sinks=node.kwargs.get("sinks"))
+            record.notes.append(f"layer {layer}: {portable} -> portable {phase} attention (cpu/cuda only)")
         with gm.graph.inserting_before(node):
-            if phase == "prefill":
+            if portable and phase == "prefill":
+                args = (q, k, v, *caches, inputs["slot_mapping"], inputs["cu_seq_lens"])
+                new = gm.graph.call_function(prefill_attention_portable, args, attrs)
+            elif portable:
+                args = (q, k, v, *caches, inputs["slot_mapping"], inputs["block_table"], inputs["seq_lens"])
+                new = gm.graph.call_function(paged_attention_portable, args, attrs)
+            elif phase == "prefill":
                 args = (q, k, v, *caches, inputs["slot_mapping"], inputs["cu_seq_lens"], mask_node)
                 new = gm.graph.call_function(prefill_attention, args, attrs)
             elif phase == "extend":
@@ -267,5 +324,6 @@ def plain_graph_module(ep: torch.export.ExportedProgram) -> fx.GraphModule:
 
 __all__ = [
     "PassRecord", "compressed_causal_mask", "padded_head_dim", "paged_attention", "plain_graph_module",
-    "prefill_attention", "extend_attention", "decode_attention", "write_kv",
+    "prefill_attention", "extend_attention", "decode_attention", "write_kv", "needs_portable",
+    "prefill_attention_portable", "paged_attention_portable",
 ]
