@@ -13,6 +13,10 @@ from graphgen.compiler import compile_recipe, kv_spec_for, paged_graph_module
 from graphgen.recipe import Recipe, default_recipe
 from graphgen.runtime.graphs import load_graphs
 from graphgen.spec import PHASE_INPUTS, cache_input_names
+from graphgen.capture.interface import register
+from graphgen.passes.lint import LintContext, lint
+
+from models import build_tiny
 
 PROMPTS = [[256, 72, 101, 108, 108, 111, 44, 32, 119], [256, 84, 104, 101], [256, 65, 66, 67, 68, 69, 70, 71, 72, 73,
                                                                               74, 75, 76, 77, 78, 79, 80, 81]]
@@ -176,3 +180,57 @@ def test_bf16_block128_recipe_is_npu_expressible(tmp_path):
     result = compile_recipe(Recipe.model_validate(data), output=tmp_path / "bf16")
     assert result.lint["npu_expressible"], result.lint
     assert read_manifest(result.path).data["npu_portable"] is True
+
+
+def test_head_dim_not_multiple_of_16_is_zero_padded_exactly(tmp_path):
+    data = default_recipe().normalized()
+    data["model"]["config"].update(hidden_size=96, head_dim=24, num_attention_heads=4, num_key_value_heads=2)
+    recipe = Recipe.model_validate(data)
+    model, _, checkpoint = load_model(recipe.model, recipe.dtype, tmp_path)
+    spec = kv_spec_for(recipe, model)
+    assert (spec.model_head_dim, spec.head_dim) == (24, 32)
+    ep, _ = capture(model, max_batch=4, max_seq_len=64)
+    graphs = {phase: paged_graph_module(ep, phase, spec)[0] for phase in PHASE_INPUTS}
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager").eval()
+    _check_prefill_and_decode(graphs, spec, hf, steps=2)
+
+    data["head_dim_padding"] = "reject"
+    with pytest.raises(ValueError, match="head_dim 24, not a multiple of 16"):
+        Recipe.model_validate(data)
+
+
+def test_lint_names_what_the_npu_cannot_express():
+    model = build_tiny("gemma2", attn_implementation=register())
+    ep, _ = capture(model, max_batch=2, max_seq_len=32)
+    ctx = LintContext(target="npu", dtype=torch.float32, block_size=24, kv_dtype="auto", prefill="varlen")
+    report = lint([ep.graph_module], ctx)
+    rules = {(f.rule, f.layer) for f in report.findings}
+    assert ("softcap", 0) in rules and ("softcap", 1) in rules
+    assert ("dtype", None) in rules and ("block_size", None) in rules
+    assert not report.npu_expressible
+    softcap = next(f for f in report.findings if f.rule == "softcap")
+    assert "softcap" in softcap.fix and softcap.node.startswith("attention")
+
+
+def test_python_api_and_cli_on_the_eager_artifact(tiny_eager_artifact):
+    import graphgen
+    from typer.testing import CliRunner
+
+    from graphgen.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["inspect", str(tiny_eager_artifact), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["name"] == "tiny-llama" and set(info["graphs"]) == set(PHASE_INPUTS)
+    assert info["lint"]["npu_expressible"] is False
+    result = runner.invoke(app, ["run", str(tiny_eager_artifact), "--prompt-ids", "256,72,101", "-n", "5", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    (out,) = payload["outputs"]
+    assert out["prompt_token_ids"] == [256, 72, 101] and len(out["token_ids"]) <= 5
+    assert {"prefill_tokens_per_s", "decode_tokens_per_s"} <= payload["stats"].keys()
+    llm = graphgen.LLM(tiny_eager_artifact)
+    assert llm.generate([[256, 72, 101]], graphgen.SamplingParams(max_tokens=5))[0].token_ids == out["token_ids"]
+    result = runner.invoke(app, ["run", str(tiny_eager_artifact)])
+    assert result.exit_code == 1 and "--prompt" in result.output
