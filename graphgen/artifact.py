@@ -7,6 +7,9 @@ Layout:
     graphs/<phase>.pt2            AOTInductor packages (inductor) or exported programs (eager)
     graphs/constants.safetensors  graph constants the checkpoint does not hold (e.g. rotary tables)
     report/lint.json              the graph-mode constraint report
+    report/verify.json            written by `graphgen verify` after the build, deliberately NOT in the
+                                  sha256 set (a statement about the artifact, rewritten by each verify);
+                                  it records the sha256 of the manifest it verified instead
 
 Writes are atomic (built in a temp dir beside the target, then renamed into place). Loading checks
 the format version, that every listed file exists, and its sha256; each refusal names the file and

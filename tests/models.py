@@ -28,6 +28,12 @@ TINY: dict[str, dict[str, Any]] = {
                      max_position_embeddings=256, rotary_pct=0.5),
     "gpt_oss": dict(LLAMA_LIKE, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
                     layer_types=["sliding_attention", "full_attention"]),
+    "qwen3": dict(LLAMA_LIKE),  # q/k RMSNorm per head
+    # head_dim = hidden_size // num_attention_heads; fused qkv / gate_up projections
+    "phi3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=256, original_max_position_embeddings=256),
+    "olmo2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256),  # q/k RMSNorm over all heads, post-norms
 }
 
 
@@ -66,3 +72,23 @@ def expected_windows(model_type: str) -> list[int]:
     if "layer_types" in over:
         return [over["sliding_window"] if t == "sliding_attention" else 0 for t in over["layer_types"]]
     return [over.get("sliding_window", 0)] * n
+
+
+def tiny_recipe(model_type: str, *, name: str | None = None, dtype: str = "float32", backend: str = "eager",
+                block_size: int = 16, layout: str = "BSH", prompts: list[str] | None = None, max_new_tokens: int = 6,
+                **config: Any):
+    """A recipe compiling the tiny `model_type` (config overrides `config` on top of TINY's), small
+    limits so the graphs stay cheap: 4 sequences, 64 tokens each, decode buckets 1/2/4."""
+    from graphgen.recipe import Recipe
+
+    return Recipe.model_validate({
+        "name": name or f"tiny-{model_type}",
+        "model": {"config": tiny_overrides(model_type, **config), "seed": 0, "tokenizer": "byte"},
+        "dtype": dtype,
+        "kv_cache": {"block_size": block_size, "layout": layout},
+        "limits": {"max_model_len": 64, "max_num_seqs": 4, "max_num_batched_tokens": 256},
+        "graphs": {"decode_batch_sizes": [1, 2, 4]},
+        "compile": {"backend": backend},
+        "verify": {"prompts": prompts or ["The quick brown fox jumps", "The quick brown fox sleeps", "graphgen"],
+                   "max_new_tokens": max_new_tokens},
+    })
