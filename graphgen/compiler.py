@@ -226,11 +226,14 @@ def compile_recipe(
         data["compile"]["torchair"] = None
         recipe = type(recipe).model_validate(data)
     out = Path(output) if output is not None else recipe.output_dir
+    npu = None  # target npu: lowering to torch.ops.npu.* and torchair (backends/torchair.py)
     if recipe.target == "npu":
-        raise CompileError(
-            "target npu compiles with torchair, which this graphgen does not build yet; "
-            "compile for target cpu (or cuda) to inspect and verify the same graphs"
-        )
+        from .backends import torchair as npu_backend
+
+        try:
+            npu = npu_backend.NpuBuild.plan(recipe)
+        except npu_backend.TorchairError as e:
+            raise CompileError(f"{recipe.source}: {e}") from None
     device = torch.device("cuda" if recipe.target == "cuda" else "cpu")
     key = build_key(recipe)
     if not force and _up_to_date(out, key):
@@ -256,6 +259,9 @@ def compile_recipe(
         (root / "graphs").mkdir()
         lowered, weight_maps, extra_constants, graphs = [], {}, {}, {}
         for phase, inputs in PHASE_INPUTS.items():
+            if npu is not None and phase not in npu.phases:
+                say("passes", npu.notes[phase])
+                continue
             say("passes", f"{phase}: paged attention rewrite")
             gm, rec = paged_graph_module(ep, phase, spec)
             result.attention_rewritten[phase] = rec.matched
@@ -265,7 +271,11 @@ def compile_recipe(
             lowered.append(paged.graph_module)
             say("backend", f"{phase}: {recipe.compile.backend}")
             rel = f"graphs/{phase}.pt2"
-            fqns = backend.save(paged, root / rel)
+            if npu is not None:
+                rel, fqns, npu_entry, lowered[-1:] = npu.save(
+                    paged, phase, root, inputs + cache_input_names(spec.num_layers), spec)
+            else:
+                fqns = backend.save(paged, root / rel)
             weight_maps[phase], extra = _weight_map(gm, fqns, ckpt)
             extra_constants.update(extra)
             graphs[phase] = {
@@ -275,19 +285,27 @@ def compile_recipe(
                 "outputs": ["logits"],
                 "weights": weight_maps[phase],
             }
+            if npu is not None:
+                graphs[phase].update(npu_entry)
             result.graphs[phase] = rel
         graphs["decode"]["batch_sizes"] = list(recipe.graphs.decode_batch_sizes)
         prefill = recipe.graphs.prefill
         graphs["prefill"]["token_buckets"] = None if prefill == "varlen" else list(prefill.buckets)
+        if npu is not None:
+            npu.finish(graphs)
         if extra_constants:
             save_file(extra_constants, str(root / "graphs" / "constants.safetensors"))
 
         say("lint", "graph-mode constraints of the NPU ops")
-        report = lint([ep.graph_module, *lowered], LintContext(
+        ctx = LintContext(
             target=recipe.target, dtype=DTYPES[recipe.dtype], block_size=spec.block_size,
             kv_dtype=recipe.kv_cache.dtype, prefill="varlen" if prefill == "varlen" else "buckets",
             attention_ops=recipe.attention_ops, head_dim_padding=recipe.head_dim_padding,
-        ))
+        )
+        report = lint([ep.graph_module, *lowered], npu.lint_context(ctx) if npu is not None else ctx)
+        if npu is not None and not report.npu_expressible:
+            raise CompileError(f"{recipe.source}: target npu, but the graphs break NPU graph-mode rules:\n  "
+                               + "\n  ".join(f.line() for f in report.errors()))
         (root / "report").mkdir()
         (root / "report" / "lint.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         result.lint = _lint_summary(report)
@@ -300,7 +318,7 @@ def compile_recipe(
             "model_config": model.config.to_dict(),
             "versions": _versions(),
             "target": recipe.target,
-            "device": device.type,
+            "device": npu.device if npu is not None else device.type,
             "dtype": recipe.dtype,
             "kv": spec.to_dict(),
             "limits": lim.model_dump(),

@@ -21,7 +21,7 @@ def backend_module(name: str) -> ModuleType:
 
         return eager
     if name == "torchair":
-        raise NotImplementedError(
-            "the torchair backend (target npu) is not built yet; compile for target cpu with backend inductor or eager"
-        )
+        from . import torchair  # imports torch_npu/torchair only when it compiles or loads
+
+        return torchair
     raise ValueError(f"unknown backend {name!r}; use inductor, eager or torchair")

@@ -66,6 +66,11 @@ class LintContext:
     prefill: str  # "varlen" | "buckets"
     attention_ops: str = "ifa_pfa"
     head_dim_padding: str = "pad"
+    # target npu only (compile.torchair); None: not compiled with torchair.
+    torchair_mode: str | None = None
+    frozen_parameter: bool = False
+    export_air: bool = False
+    tiling_schedule_optimize: bool = False
 
 
 _LAYER = re.compile(r"layers?[._](\d+)")
@@ -145,6 +150,7 @@ def _paged(node: fx.Node, op: str, ctx: LintContext, out: list[Finding]) -> None
         if sparse in (2, 3, 4) and (mask is None or tuple(mask.shape[-2:]) != (2048, 2048)):
             out.append(Finding("compressed_mask", "error", layer, name, None if mask is None else tuple(mask.shape),
                                "sparse_mode 2/3/4 take the compressed (2048, 2048) triu mask"))
+    _lengths_rules(node, op, ctx, out)
     if kw.get("block_table") is not None:
         kv_lengths = kw.get("actual_seq_lengths_kv") if op == "npu_fused_infer_attention_score" else lengths
         if kv_lengths is None:
@@ -167,6 +173,92 @@ def _paged(node: fx.Node, op: str, ctx: LintContext, out: list[Finding]) -> None
             out.append(Finding("block_table_dtype", "error", layer, name, str(table.dtype), "pass block_table as int32"))
 
 
+UNBOUNDED_TOKENS = (2147483647, 2147473647)  # the second: a typo some torch_npu releases ship as PFA's default
+
+
+def _is_lowered(node: fx.Node) -> bool:
+    return getattr(node.target, "namespace", None) == "npu"
+
+
+def _lengths_rules(node: fx.Node, op: str, ctx: LintContext, out: list[Finding]) -> None:
+    """Recompile traps and mask/band rules of one attention call (npu-ops.md section 3)."""
+    layer, name, kw = layer_of(node), node.name, node.kwargs
+    if op == "npu_prompt_flash_attention" and _is_lowered(node):
+        for key in ("actual_seq_lengths", "actual_seq_lengths_kv"):
+            value = kw.get(key)
+            if value is not None and not (isinstance(value, (list, tuple)) and all(isinstance(x, int) for x in value)):
+                out.append(Finding("pfa_varying_lengths", "error", layer, name, f"{key} = {value}",
+                                   "PFA's lengths must be Python int constants fixed per prefill bucket: values "
+                                   "that differ per step recompile the graph (or are rejected as tensors)"))
+    if op in ("npu_incre_flash_attention", "npu_fused_infer_attention_score") and _is_lowered(node):
+        key = "actual_seq_lengths" if op == "npu_incre_flash_attention" else "actual_seq_lengths_kv"
+        value = kw.get(key)
+        if kw.get("block_table") is not None and isinstance(value, (list, tuple)) and value and all(
+                isinstance(x, int) for x in value):
+            out.append(Finding("constant_decode_lengths", "error", layer, name, f"{key} = {list(value)[:4]}",
+                               "decode KV lengths baked in as constants recompile at every step: pass them as a "
+                               "SymInt list input (dynamic=True) rebuilt at every call"))
+    sparse = kw.get("sparse_mode", 0)
+    mask = kw.get("atten_mask")
+    pre, nxt = kw.get("pre_tokens", 2147483647), kw.get("next_tokens", None)
+    if sparse == 0 and mask is not None and op != "npu_incre_flash_attention":
+        band_set = pre not in UNBOUNDED_TOKENS or (nxt is not None and nxt not in UNBOUNDED_TOKENS
+                                                   and op == "npu_fused_infer_attention_score")
+        if band_set:
+            out.append(Finding("mask_band", "warning", layer, name, f"sparse_mode 0, pre_tokens={pre}, next_tokens={nxt}",
+                               "in sparse_mode 0 the band only skips whole blocks while the mask applies element by "
+                               "element: make them agree (or leave pre/next unbounded), else accuracy suffers"))
+    if op == "npu_fused_infer_attention_score" and mask is not None and sparse in (0, 1):
+        q = _val(node.args[0])
+        layout = kw.get("input_layout", "BSH")
+        qs = None if q is None else (q.shape[1] if layout in ("BSH", "BSND") else q.shape[2] if layout == "BNSD" else None)
+        if not (isinstance(qs, int) and qs == 1) and kw.get("inner_precise", 0) not in (2, 3):
+            out.append(Finding("fia_masked_rows", "warning", layer, name, f"inner_precise={kw.get('inner_precise', 0)}",
+                               "a full atten_mask can mask every key of a query row; FIA then returns garbage for "
+                               "that row unless inner_precise is 2 or 3 (Q_S > 1)"))
+
+
+def _recipe_rules(graphs: list[fx.GraphModule], ctx: LintContext, out: list[Finding]) -> None:
+    """Settings that are wrong before any graph runs (compile.torchair and the import order)."""
+    import sys
+
+    names = list(sys.modules)
+    if "torchair" in names and ("torch_npu" not in names or names.index("torchair") < names.index("torch_npu")):
+        out.append(Finding("import_order", "error", None, "process", "torchair imported before torch_npu",
+                           "import torch_npu first: otherwise graph mode silently does not engage"))
+    if ctx.torchair_mode is None:
+        return
+    if ctx.frozen_parameter:
+        for gm in graphs:
+            tensors = dict(gm.named_parameters(remove_duplicate=False))
+            tensors.update(gm.named_buffers(remove_duplicate=False))
+            for tname, t in tensors.items():
+                if not t.is_contiguous():
+                    out.append(Finding("frozen_parameter_layout", "error", layer_of_name(tname), tname,
+                                       f"stride {tuple(t.stride())}",
+                                       "frozen_parameter=True with a non-contiguous parameter gives wrong graph "
+                                       "output: make it contiguous or set frozen_parameter: false"))
+    if ctx.frozen_parameter and ctx.export_air:
+        out.append(Finding("export_air_frozen", "error", None, "recipe", "export_air with frozen_parameter",
+                           "torchair.dynamo_export does not support frozen_parameter: turn one off"))
+    if ctx.export_air and ctx.torchair_mode != "max-autotune":
+        out.append(Finding("export_air_mode", "error", None, "recipe", ctx.torchair_mode,
+                           "offline .air export is a max-autotune (GE) feature: set mode: max-autotune"))
+    if ctx.torchair_mode == "reduce-overhead":
+        out.append(Finding("static_capture_lengths", "warning", None, "recipe", "mode reduce-overhead",
+                           "reduce-overhead captures static shapes: SymInt decode lengths are rejected or recompile; "
+                           "use max-autotune with tiling_schedule_optimize, or npugraph_ex"))
+    if ctx.torchair_mode == "max-autotune" and not ctx.tiling_schedule_optimize:
+        out.append(Finding("tiling_sink", "warning", None, "recipe", "tiling_schedule_optimize: false",
+                           "decode lengths change every step: set tiling_schedule_optimize: true (tiling sink) so "
+                           "the dynamic decode graph does not redo host tiling per step"))
+
+
+def layer_of_name(name: str) -> int | None:
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
 def _host_syncs(gm: fx.GraphModule, out: list[Finding]) -> None:
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in (
@@ -179,6 +271,8 @@ def _host_syncs(gm: fx.GraphModule, out: list[Finding]) -> None:
 def lint(graphs: Iterable[fx.GraphModule], ctx: LintContext) -> LintReport:
     """Check canonical graphs (attention attributes) and paged graphs (NPU op arguments)."""
     report = LintReport()
+    graphs = list(graphs)
+    _recipe_rules(graphs, ctx, report.findings)
     for gm in graphs:
         for node in gm.graph.nodes:
             if node.op == "call_function" and node.target is ATTENTION:

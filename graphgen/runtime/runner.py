@@ -31,6 +31,13 @@ class ModelRunner:
         dtype = DTYPES[self.spec.dtype]
         self.pools = [torch.zeros(self.spec.pool_shape(block_manager.num_blocks), dtype=dtype, device=device)
                       for _ in cache_input_names(self.spec.num_layers)]
+        # NPU graphs compile per bucket now, with the real pools, never on a first request.
+        for graph in self.graphs.values():
+            if hasattr(graph, "warm_up"):
+                graph.warm_up(self.pools, block_manager.scratch_block, self.spec.block_size,
+                              self.spec.max_blocks_per_seq)
+        # npu: PFA lengths are constants per bucket, so prefill runs one sequence per graph call.
+        self.prefill_per_sequence = manifest.graphs["prefill"].get("packing") == "per_sequence"
         self.max_batch = max(manifest.graphs["decode"]["batch_sizes"])
         self.token_buckets = manifest.graphs["prefill"].get("token_buckets")
         self.scratch_row = torch.full((self.spec.max_blocks_per_seq,), block_manager.scratch_block, dtype=torch.int32)
@@ -49,13 +56,15 @@ class ModelRunner:
         """Logits (len(seqs), V) at each sequence's last token. Sequences with a prefix-cache hit
         run one by one through the extend graph (after the packed prefill has written its KV, so a
         hit on a block filled in this same batch reads finished data)."""
-        fresh = [s for s in seqs if s.num_cached_tokens == 0]
+        # Without an extend graph (npu, block_size not a multiple of 128) a hit recomputes its prompt.
+        extend = "extend" in self.graphs
+        fresh = [s for s in seqs if s.num_cached_tokens == 0 or not extend]
         logits: dict[int, torch.Tensor] = {}
-        if fresh:
-            for seq, row in zip(fresh, self._packed_prefill(fresh)):
+        for group in ([[s] for s in fresh] if self.prefill_per_sequence else [fresh] if fresh else []):
+            for seq, row in zip(group, self._packed_prefill(group)):
                 logits[seq.seq_id] = row
         for seq in seqs:
-            if seq.num_cached_tokens:
+            if seq.num_cached_tokens and extend:
                 logits[seq.seq_id] = self._extend(seq)
         return torch.stack([logits[s.seq_id] for s in seqs])
 
