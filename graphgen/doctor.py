@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import platform
+import sys
 from typing import Any
 
 import torch
@@ -17,9 +18,13 @@ import torch
 from .backends import torchair as tb
 
 
+def _installed(name: str) -> bool:
+    return name in sys.modules and sys.modules[name] is not None or importlib.util.find_spec(name) is not None
+
+
 def _npu_facts() -> dict[str, Any]:
     facts: dict[str, Any] = {"torch_npu": None, "torchair": None, "devices": 0, "import_order_ok": None, "error": None}
-    if importlib.util.find_spec("torch_npu") is None:
+    if not _installed("torch_npu"):
         facts["error"] = "torch_npu is not installed (pip install 'graphgen[npu]' on an Ascend machine)"
         return facts
     facts["import_order_ok"] = tb.import_order_ok()
