@@ -176,10 +176,13 @@ def compare_tokens(prompt: int, eager_tokens: list[int], graph_logits: torch.Ten
 
 # --- eager (HF) side --------------------------------------------------------------------------
 def _hf_model(model_dir: Path, dtype: torch.dtype, device: torch.device, attn: str = "eager"):
+    """The artifact's checkpoint as an HF model; the references use the eager experts loop too
+    (fused grouped_mm MoE kernels have no float64)."""
     from transformers import AutoModelForCausalLM
 
+    extra = {"experts_implementation": "eager"} if attn == "eager" else {}
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation=attn,
-                                                 local_files_only=True)
+                                                 local_files_only=True, **extra)
     return model.to(device).eval().requires_grad_(False)
 
 
