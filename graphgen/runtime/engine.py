@@ -78,6 +78,10 @@ class LLM:
         if manifest.data.get("device", "cpu") == "cuda" and not torch.cuda.is_available():
             raise ArtifactError(f"{manifest.root}: built for cuda but this machine has no CUDA device; "
                                 "compile the recipe with --target cpu")
+        if manifest.data.get("device") == "npu":
+            from ..backends.torchair import import_torchair
+
+            import_torchair()  # torch.device("npu") exists only once torch_npu is imported (before torchair)
         self.device = torch.device(manifest.data.get("device", "cpu"))
         spec, limits = manifest.kv, manifest.limits
         limit = limits["max_num_seqs"]
