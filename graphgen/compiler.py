@@ -81,6 +81,10 @@ def _checkpoint_digest(recipe: Recipe) -> str:
 def build_key(recipe: Recipe) -> str:
     payload = {"recipe": recipe.normalized(), "versions": _versions(), "checkpoint": _checkpoint_digest(recipe),
                "format": FORMAT_VERSION}
+    if recipe.target == "npu":  # compiled-graph caches are tied to CANN/torch_npu/torchair too
+        from .backends.torchair import versions as npu_versions
+
+        payload["npu_versions"] = npu_versions()
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
