@@ -62,7 +62,7 @@ class Row:
     """One compared row of logits (or of a layer's hidden states)."""
 
     prompt: int
-    step: int  # 0 = prefill (last prompt token), s = decode step s
+    step: int  # 0 = prefill (last prompt token), s = decode step s; layer rows: 0 prefill, 1 all decode steps
     graph_error: float  # RMSE(graph - fp64)
     eager_error: float  # RMSE(eager - fp64)
     limit: float  # MULTIPLIER * eager_error + FLOOR
@@ -379,8 +379,8 @@ def verify_artifact(artifact_dir: str | Path, *, prompts: list[str] | list[list[
     for p in ids:
         toks, logits = _greedy(eager_model, p, n, device)
         eager_tokens.append(toks)
-        eager_logits.append(logits)
-        ref_logits.append(_forward(ref_model, p + toks[:-1], device)[0][len(p) - 1:])
+        eager_logits.append(logits.cpu())
+        ref_logits.append(_forward(ref_model, p + toks[:-1], device)[0][len(p) - 1:].cpu())
     graph_logits = _graph_logits(root, ids, eager_tokens)
 
     report = VerifyReport(

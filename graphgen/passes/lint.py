@@ -96,11 +96,12 @@ def _canonical(node: fx.Node, ctx: LintContext, out: list[Finding]) -> None:
     q, k = _val(node.args[0]), _val(node.args[1])
     if kw.get("softcap"):
         out.append(Finding("softcap", "error", layer, name, kw["softcap"],
-                           "no NPU flash-attention op applies a logit softcap; this layer keeps a portable kernel "
-                           "(cpu/cuda only)"))
+                           "no NPU flash-attention op applies a logit softcap; this layer runs the portable "
+                           "graphgen::varlen_attention / paged_attention kernels (cpu/cuda only)"))
     if kw.get("sinks") is not None:
         out.append(Finding("sinks", "error", layer, name, "per-head sink logits",
-                           "IFA/PFA/FIA have no sink input (only the training op does); cpu/cuda only"))
+                           "IFA/PFA/FIA have no sink input (only the training op does); this layer runs the "
+                           "portable graphgen::varlen_attention / paged_attention kernels (cpu/cuda only)"))
     if not kw.get("causal", True):
         out.append(Finding("non_causal", "error", layer, name, "causal=False",
                            "paged decoding needs causal attention"))
