@@ -249,6 +249,26 @@ def demo(
     console.print(f"[dim]prefill {stats['prefill_tokens_per_s']} tok/s, decode {stats['decode_tokens_per_s']} tok/s[/]")
 
 
+@app.command()
+def bench(
+    artifact: Path = typer.Argument(..., help="artifact directory"),
+    batch_sizes: str = typer.Option("1,16", "--batch-sizes", help="decode batch sizes, comma-separated"),
+    workload: str = typer.Option("all", "--workload", help="fixed | mixed | all"),
+    vs_hf: bool = typer.Option(False, "--vs-hf", help="also run HF generate (eager, sdpa) on the artifact's checkpoint"),
+    prompt_len: int = typer.Option(128, "--prompt-len", help="fixed workload prompt length"),
+    output_len: int = typer.Option(128, "--output-len", help="fixed workload output length"),
+    repeats: int = typer.Option(3, "--repeats", help="timed runs per measurement (median reported)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's)"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """Decode tokens/s, a mixed serving workload, TTFT, load time, peak RSS, the roofline; --vs-hf for ratios."""
+    from .bench import run_bench_cli
+
+    run_bench_cli(artifact, batch_sizes=batch_sizes, workload=workload, vs_hf=vs_hf, prompt_len=prompt_len,
+                  output_len=output_len, repeats=repeats, threads=threads, as_json=as_json, fail=_fail,
+                  console=console, out=out)
+
+
 def main() -> None:  # pragma: no cover
     app()
 
