@@ -20,7 +20,7 @@ import torch
 
 from . import _checks as C
 from . import _layouts as L
-from ._core import UNBOUNDED, attend, visibility
+from ._core import UNBOUNDED, attend, compute_dtype, visibility
 from ._registry import define
 
 OP = "npu_fused_infer_attention_score"
@@ -454,6 +454,51 @@ def _to_logical(op: str, name: str, m: torch.Tensor, rows: torch.Tensor, cols: t
     return L.take(m, cols.clamp(max=m.shape[3] - 1), 3)
 
 
+def _plain_paged_decode(a: InferArgs, dims: Dims) -> bool:
+    """The serving decode call: one float query token per sequence over a float paged cache, the
+    KV lengths alone deciding what is visible (no mask, pse, quant, padding, prefix, rope, lse)."""
+    return (dims.paged and dims.decode and a.layout != "TND" and not dims.int8_all and not dims.int8_kv
+            and a.q_lens is None and a.atten_mask is None and a.pse_shift is None
+            and a.query_padding_size is None and a.kv_padding_size is None and a.key_shared_prefix is None
+            and a.query_rope is None and a.quant_scale2 is None and not a.softmax_lse_flag
+            and (a.kind == "ifa" or a.sparse_mode in (0, 3)))
+
+
+def _paged_decode(a: InferArgs, dims: Dims, kv_lens_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """run_infer for `_plain_paged_decode` calls: gathers only the blocks the longest sequence uses
+    (not the whole block table) and attends without the general visibility/padding machinery.
+    Same math as `_core.attend` (compute dtype, -inf masking, softmax over the visible keys).
+    None when a row has no visible key (the general path zeroes those rows)."""
+    q, bs = a.query, a.block_size
+    b, n, nkv, d = q.shape[0], dims.heads, dims.kv_heads, dims.head_dim
+    max_blocks = a.block_table.shape[1]
+    kv_lens = _per_batch(a.op, a.name("kv_lens"), kv_lens_in, b, max_blocks * bs,
+                         f"block_table holds {max_blocks} blocks of {bs} tokens per sequence; pass a wider "
+                         "block_table (its second dim must cover the longest sequence)")
+    lo, hi = (int(x) for x in torch.aminmax(kv_lens))
+    if lo <= 0:
+        return None
+    used = -(-hi // bs)
+    bt = a.block_table[:, :used].to(torch.int64)
+    if used < max_blocks or lo < hi:  # entries past a row's own length may hold anything
+        needed = torch.arange(used, device=bt.device).view(1, -1) < ((kv_lens + bs - 1) // bs).view(-1, 1)
+        bt = torch.where(needed, bt, torch.zeros_like(bt))
+    num_blocks = a.key.shape[0]
+    if bool(((bt < 0) | (bt >= num_blocks)).any()):
+        C.fail(a.op, "block_table", f"has entries outside [0, {num_blocks}) in the blocks the lengths use",
+               f"pass block ids of the cache (it has {num_blocks} blocks)")
+    ct = compute_dtype(q)
+    k = L.gather_paged(a.key, bt, nkv).to(ct)  # (B, Nkv, S, D)
+    v = L.gather_paged(a.value, bt, nkv).to(ct)
+    qg = L.to_bnsd(q, a.layout, n).to(ct).reshape(b, nkv, n // nkv, d)  # (B, Nkv, G, D)
+    logits = torch.matmul(qg, k.transpose(-1, -2)) * a.scale  # (B, Nkv, G, S)
+    if lo < k.shape[2]:
+        hidden = torch.arange(k.shape[2], device=q.device).view(1, 1, 1, -1) >= kv_lens.view(-1, 1, 1, 1)
+        logits = logits.masked_fill(hidden, float("-inf"))
+    out = torch.matmul(torch.softmax(logits, dim=-1), v).reshape(b, n, 1, d)
+    return L.from_bnsd(out.to(dims.out_dtype), a.layout), torch.zeros(1, dtype=torch.float32, device=q.device)
+
+
 def run_infer(a: InferArgs) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference kernel: (attention_out in the query's layout, lse fp32 or a (1,) zero tensor)."""
     dims = check_static(a)
@@ -462,6 +507,10 @@ def run_infer(a: InferArgs) -> tuple[torch.Tensor, torch.Tensor]:
     n, nkv = dims.heads, dims.kv_heads
     if layout != "BSH" and a.num_heads not in (n, 1):  # the tensor's head dim is authoritative
         warnings.warn(f"{op}: num_heads={a.num_heads} but the {layout} query has {n} heads; using {n}", stacklevel=3)
+    if _plain_paged_decode(a, dims) and q.shape[0] > 0:
+        fast = _paged_decode(a, dims, _lengths(op, a.name("kv_lens"), a.kv_lens, dev))
+        if fast is not None:
+            return fast
     q_lens_in = _lengths(op, a.name("q_lens"), a.q_lens, dev)
     kv_lens_in = _lengths(op, a.name("kv_lens"), a.kv_lens, dev)
 
