@@ -1,0 +1,140 @@
+"""The serving forms of the attention ops as plain ATen, for compilers that run them on CPU/CUDA.
+
+The reference kernels are Python: inside an AOTInductor graph every call goes back into the
+interpreter (argument boxing, the general driver's checks and layout plumbing), which dominated
+small-model decode. A backend that compiles for cpu/cuda may first replace the common calls with
+these decompositions so the whole step is compiled code:
+
+- `npu_incre_flash_attention.tensor_lengths` over a paged float cache with only the KV lengths
+  deciding visibility (the decode graph's call): gather every block of the block table, mask
+  positions >= seq_len, softmax, weighted sum. Same math as `_core.attend`.
+- `npu_prompt_flash_attention.tensor_lengths` on packed TND tokens with sparse_mode 3/4 and one
+  lengths tensor for queries and keys (the prefill graph's call): causal (and banded) attention
+  within each packed sequence, through `scaled_dot_product_attention` with a boolean mask.
+
+Anything else (masks, pse, quantization, padding, other modes) returns NotImplemented and stays a
+call of the reference kernel. Static checks already ran in the fake kernels when the graph was
+exported; indexing the pools through the block table is bounds-checked by the compiled code.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import known_true
+from ._core import compute_dtype
+
+IFA = torch.ops.graphgen.npu_incre_flash_attention.tensor_lengths
+PFA = torch.ops.graphgen.npu_prompt_flash_attention.tensor_lengths
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_IFA_PLAIN_NONE = ("padding_mask", "atten_mask", "pse_shift", "antiquant_scale", "antiquant_offset",
+                   "dequant_scale1", "quant_scale1", "dequant_scale2", "quant_scale2", "quant_offset2",
+                   "kv_padding_size")
+_PFA_PLAIN_NONE = ("padding_mask", "pse_shift", "deq_scale1", "quant_scale1", "deq_scale2", "quant_scale2",
+                   "quant_offset2")
+
+
+def paged_decode(query, key_cache, value_cache, block_table, seq_lens, *, num_heads: int, num_kv_heads: int,
+                 scale: float, layout: str, block_size: int) -> torch.Tensor:
+    """query (B, 1, N*D) BSH / (B, 1, N, D) BSND / (B, N, 1, D) BNSD over pools (NB, bs, Nkv*D) or
+    (NB, Nkv, bs, D) -> the query's shape and dtype. Rows with seq_len 0 are zero."""
+    b = query.shape[0]
+    if layout == "BSH":
+        d = query.shape[-1] // num_heads
+        q = query.reshape(b, num_heads, d)
+    elif layout == "BSND":
+        d = query.shape[-1]
+        q = query[:, 0]
+    else:
+        d = query.shape[-1]
+        q = query[:, :, 0]
+    ct = compute_dtype(query)
+    table = block_table.to(torch.int64)
+    m = table.shape[1]
+    lens = seq_lens.to(torch.int64)
+    # Entries past a row's last block may hold anything: read block 0 there (masked anyway).
+    needed = torch.arange(m, device=table.device).view(1, m) < ((lens + block_size - 1) // block_size).view(b, 1)
+    table = torch.where(needed, table, torch.zeros_like(table))
+
+    def gather(cache):
+        blocks = cache[table]  # (B, M, bs, Nkv*D) or (B, M, Nkv, bs, D)
+        if cache.dim() == 3:
+            return blocks.reshape(b, m * block_size, num_kv_heads, d).permute(0, 2, 3, 1)  # (B, Nkv, D, S)
+        return blocks.permute(0, 2, 4, 1, 3).reshape(b, num_kv_heads, d, m * block_size)
+
+    k_t = gather(key_cache).to(ct)
+    v = gather(value_cache).to(ct).transpose(-1, -2)  # (B, Nkv, S, D)
+    qg = q.to(ct).reshape(b, num_kv_heads, num_heads // num_kv_heads, d)
+    logits = torch.matmul(qg, k_t) * scale  # (B, Nkv, G, S)
+    visible = torch.arange(m * block_size, device=query.device).view(1, 1, 1, -1) < lens.view(b, 1, 1, 1)
+    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+    probs = torch.where(lens.view(b, 1, 1, 1) > 0, probs, torch.zeros_like(probs))
+    out = torch.matmul(probs, v).to(query.dtype)  # (B, Nkv, G, D)
+    if layout == "BSH":
+        return out.reshape(b, 1, num_heads * d)
+    if layout == "BSND":
+        return out.reshape(b, 1, num_heads, d)
+    return out.reshape(b, num_heads, 1, d)
+
+
+def _ifa(query, key, value, **kw):
+    lens = kw.get("actual_seq_lengths")
+    if any(kw.get(name) is not None for name in _IFA_PLAIN_NONE) or kw.get("block_table") is None \
+            or lens is None or query.dtype not in FLOATS or key.dtype != query.dtype \
+            or not known_true(lens.shape[0] == query.shape[0]):
+        return NotImplemented
+    layout = kw.get("input_layout", "BSH")
+    n = kw.get("num_heads", 1)
+    if layout == "BSH":
+        nkv = kw.get("num_key_value_heads", 0) or n
+    elif layout in ("BSND", "BNSD"):
+        n = query.shape[2] if layout == "BSND" else query.shape[1]
+        nkv = key.shape[1] if layout == "BNSD" else (kw.get("num_key_value_heads", 0) or n)
+    else:
+        return NotImplemented
+    return paged_decode(query, key, value, kw["block_table"], kw["actual_seq_lengths"], num_heads=n,
+                        num_kv_heads=nkv, scale=kw.get("scale_value", 1.0), layout=layout,
+                        block_size=kw.get("block_size", 0))
+
+
+def packed_causal(query, key, value, cu_seq_lens, *, num_heads: int, num_kv_heads: int, scale: float,
+                  pre_tokens: int | None) -> torch.Tensor:
+    """query (T, N, D), key/value (T, Nkv, D) packed, cu_seq_lens (K,) cumulative ends: token i sees
+    token j of its own sequence when j <= i (and i - j <= pre_tokens) -> (T, N, D); tokens past the
+    last end are zero."""
+    t, _, d = query.shape
+    ct = compute_dtype(query)
+    pos = torch.arange(t, device=query.device)
+    ends = cu_seq_lens.to(torch.int64)
+    seg = torch.searchsorted(ends, pos, right=True)  # sequence of each token (K past the end)
+    i, j = pos.view(t, 1), pos.view(1, t)
+    mask = (seg.view(t, 1) == seg.view(1, t)) & (j <= i)
+    if pre_tokens is not None:
+        mask = mask & (i - j <= pre_tokens)
+    g = num_heads // num_kv_heads
+    q = query.to(ct).transpose(0, 1).unsqueeze(0)  # (1, N, T, D)
+    k = key.to(ct).transpose(0, 1).repeat_interleave(g, dim=0).unsqueeze(0)
+    v = value.to(ct).transpose(0, 1).repeat_interleave(g, dim=0).unsqueeze(0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)[0].transpose(0, 1)
+    inside = (seg < ends.shape[0]).view(t, 1, 1)
+    return torch.where(inside, out, torch.zeros_like(out)).to(query.dtype)
+
+
+def _pfa(query, key, value, **kw):
+    lens, lens_kv = kw.get("actual_seq_lengths"), kw.get("actual_seq_lengths_kv")
+    mode = kw.get("sparse_mode", 0)
+    if any(kw.get(name) is not None for name in _PFA_PLAIN_NONE) or kw.get("input_layout", "BSH") != "TND" \
+            or lens is None or lens is not lens_kv or mode not in (3, 4) or query.dtype not in FLOATS \
+            or key.dtype != query.dtype or kw.get("atten_mask") is None:
+        return NotImplemented
+    pre, nxt = kw.get("pre_tokens", 2147483647), kw.get("next_tokens", 0)
+    if mode == 4 and nxt != 0:
+        return NotImplemented
+    n, nkv = query.shape[1], key.shape[1]
+    return packed_causal(query, key, value, lens, num_heads=n, num_kv_heads=nkv, scale=kw.get("scale_value", 1.0),
+                         pre_tokens=pre if mode == 4 else None)
+
+
+def serving_decompositions() -> dict:
+    """op overload -> decomposition, for `ExportedProgram.run_decompositions`."""
+    return {IFA: _ifa, PFA: _pfa}
