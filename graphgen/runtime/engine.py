@@ -97,7 +97,9 @@ class LLM:
         self.scheduler = Scheduler(
             self.block_manager, max_num_seqs=self.max_num_seqs, max_num_batched_tokens=limits["max_num_batched_tokens"],
             max_model_len=limits["max_model_len"], eos_token_id=manifest.special_tokens["eos"],
-            decode_batch_sizes=manifest.graphs["decode"]["batch_sizes"], require_padding_row=True,
+            # No padding row in the graph's batch: the runner keeps the advance step's extra row
+            # past the rows the decode graph reads.
+            decode_batch_sizes=manifest.graphs["decode"]["batch_sizes"],
         )
         self.runner = ModelRunner(manifest, self.block_manager, self.device)
         self.sampler = Sampler()

@@ -16,7 +16,10 @@ I64 = torch.int64
 class ModelRunner:
     """The KV pools and the graphs of one artifact.
 
-    Decode inputs live in persistent tensors sized to the largest decode bucket. After a step the
+    Decode inputs live in persistent tensors sized to the largest decode bucket plus one row. The
+    graphs see the first `bucket` rows; the advance-step op sees one more, a padding row past the
+    graph's batch, which meets its num_seqs > num_queries rule without the graph computing a
+    padded row (batch 1 decodes as batch 1). After a step the
     advance-step op writes the sampled tokens, positions, lengths and slots into them; the next
     step reuses them as they are when the batch is the same sequences in the same order, and only
     patches rows whose block table grew. Any other batch is rebuilt from the sequences.
@@ -41,7 +44,7 @@ class ModelRunner:
         self.max_batch = max(manifest.graphs["decode"]["batch_sizes"])
         self.token_buckets = manifest.graphs["prefill"].get("token_buckets")
         self.scratch_row = torch.full((self.spec.max_blocks_per_seq,), block_manager.scratch_block, dtype=torch.int32)
-        b, m = self.max_batch, self.spec.max_blocks_per_seq
+        b, m = self.max_batch + 1, self.spec.max_blocks_per_seq
         self.input_ids = torch.zeros(b, dtype=I64, device=device)
         self.positions = torch.zeros(b, dtype=I64, device=device)
         self.seq_lens = torch.ones(b, dtype=I64, device=device)
@@ -154,10 +157,11 @@ class ModelRunner:
     def advance(self, seqs: list[Sequence], sampled: torch.Tensor, bucket: int) -> None:
         """Move the decode inputs of `seqs` (rows 0..n-1 of a `bucket`-row batch) to their next
         token in place: the vLLM step the NPU runs eagerly between graph calls."""
+        rows = bucket + 1  # rows past len(seqs) are padding, left as they are
         torch.ops.graphgen.npu_advance_step_flashattn(
-            self.input_ids[:bucket], sampled.to(device=self.device, dtype=I64), self.positions[:bucket],
-            self.seq_lens[:bucket], self.slot_mapping[:bucket], self.block_table[:bucket],
-            bucket, len(seqs), self.spec.block_size,
+            self.input_ids[:rows], sampled.to(device=self.device, dtype=I64), self.positions[:rows],
+            self.seq_lens[:rows], self.slot_mapping[:rows], self.block_table[:rows],
+            rows, len(seqs), self.spec.block_size,
         )
         self._rows = [s.seq_id for s in seqs]
 
