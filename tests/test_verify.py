@@ -51,7 +51,7 @@ def test_eager_artifact_passes_with_layers_and_writes_the_report(tiny_eager_arti
     assert report.passed, report.first_failure
     assert report.backend == "eager" and report.exact_tokens
     n_prompts = len(report.prompts)
-    assert len(report.prefill) == n_prompts and len(report.decode) == n_prompts * 3
+    assert len(report.prefill) == len(report.decode) == n_prompts and len(report.decode_steps) == n_prompts * 3
     assert all(r.diverged_at is None for r in report.tokens)  # identical greedy tokens
     assert {r.layer for r in report.layers} == {0, 1} and report.first_divergent_layer is None
     data = json.loads((tiny_eager_artifact / REPORT_FILE).read_text())
