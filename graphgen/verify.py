@@ -403,7 +403,8 @@ def verify_artifact(artifact_dir: str | Path, *, prompts: list[str] | list[list[
             steps = [compare(g[s], e[s], r[s], dtype_name, prompt=i, step=s) for s in range(1, n)]
             row = compare(g[1:], e[1:], r[1:], dtype_name, prompt=i, step=1)
             # the step to look at: the first over its own limit, else the worst
-            row.step = next((x.step for x in steps if not x.passed), max(steps, key=lambda x: x.graph_error / x.limit).step)
+            worst = max(steps, key=lambda x: x.graph_error / x.limit)
+            row.step = next((x.step for x in steps if not x.passed), worst.step)
             report.decode.append(row)
             report.decode_steps += steps
         report.tokens.append(compare_tokens(i, eager_tokens[i], g, e, exact=exact, top_k=top_k))
@@ -453,7 +454,8 @@ def print_report(report: VerifyReport, console) -> None:
             console.print(f"  prompt {r.prompt}: {r.detail}")
     layer = report.first_divergent_layer
     if report.layers is not None:
-        console.print(f"  first divergent layer: {'none' if layer is None else f'{layer.layer} ({layer.phase}, prompt {layer.prompt})'}")
+        where = "none" if layer is None else f"{layer.layer} ({layer.phase}, prompt {layer.prompt})"
+        console.print(f"  first divergent layer: {where}")
     fail = report.first_failure
     if fail is None:
         console.print("[green]verify passed[/]")

@@ -30,8 +30,8 @@ TINY: dict[str, dict[str, Any]] = {
                     layer_types=["sliding_attention", "full_attention"]),
     "qwen3": dict(LLAMA_LIKE),  # q/k RMSNorm per head
     # head_dim = hidden_size // num_attention_heads; fused qkv / gate_up projections
-    "phi3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 max_position_embeddings=256, original_max_position_embeddings=256),
+    "phi3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256, original_max_position_embeddings=256),
     "olmo2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256),  # q/k RMSNorm over all heads, post-norms
 }
