@@ -10,6 +10,7 @@ compiled code end to end instead of calling back into the Python reference kerne
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,25 +32,38 @@ def save(ep: torch.export.ExportedProgram, path: Path) -> list[str]:
 
 
 class CompiledGraph:
-    """A loaded package called with positional tensors. AOTICompiledModel.__call__ parses its call
+    """A loaded package, called with positional tensors. torch's AOTICompiledModel parses its call
     spec (JSON) and pytree-flattens on every call; here the output spec is parsed once and the
     inputs go straight to the loader, which matters for a decode step of a fraction of a ms."""
 
-    def __init__(self, compiled):
-        self.compiled = compiled
-        self._run = compiled.loader.boxed_run
-        self._out_spec = pytree.treespec_loads(compiled.loader.get_call_spec()[1])
+    def __init__(self, loader):
+        self.loader = loader
+        self._run = loader.boxed_run
+        self._out_spec = pytree.treespec_loads(loader.get_call_spec()[1])
 
     def __call__(self, *inputs: torch.Tensor):
         return pytree.tree_unflatten(self._run(list(inputs)), self._out_spec)
 
 
+def _check_isa(path: Path) -> None:
+    """The package's kernels target the CPU ISA of the machine that compiled them (what
+    torch._inductor's loader warns about; checked here without importing the compiler)."""
+    meta = torch._C._aoti.AOTIModelPackageLoader.load_metadata_from_package(str(path), "model")
+    built, here = meta.get("AOTI_CPU_ISA"), torch.backends.cpu.get_cpu_capability().upper()
+    if meta.get("AOTI_DEVICE_KEY", "cpu") == "cpu" and built and built.upper() not in (here, "NONE", "DEFAULT"):
+        warnings.warn(f"{path}: compiled for CPU ISA {built}, this machine runs {here}; if the graph fails, "
+                      "rebuild the artifact here with `graphgen compile <recipe> --force`", stacklevel=3)
+
+
 def load(path: Path, constants: dict[str, torch.Tensor]) -> CompiledGraph:
-    """Load the package and bind its constants (shared with the caller, not copied)."""
-    runner = torch._inductor.aoti_load_package(str(path))
-    expected = set(runner.get_constant_fqns())
+    """Load the package and bind its constants (shared with the caller, not copied). Uses the C++
+    loader directly: `torch._inductor.aoti_load_package` imports the whole compiler (seconds)."""
+    _check_isa(path)
+    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+    expected = set(loader.get_constant_fqns())
     missing = sorted(expected - constants.keys())
     if missing:
         raise RuntimeError(f"{path}: graph constants missing from the artifact's weights: {missing[:5]}")
-    runner.load_constants({k: constants[k] for k in expected}, check_full_update=True, user_managed=True)
-    return CompiledGraph(runner)
+    # (constants, use_inactive, check_full_update, user_managed): bound in place, not copied
+    loader.load_constants({k: constants[k] for k in expected}, False, True, True)
+    return CompiledGraph(loader)
