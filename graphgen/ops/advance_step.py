@@ -53,18 +53,18 @@ def npu_advance_step_flashattn(input_tokens, sampled_token_ids, input_positions,
                                block_tables, num_seqs, num_queries, block_size) -> None:
     _check(input_tokens, sampled_token_ids, input_positions, seq_lens, slot_mapping, block_tables,
            num_seqs, num_queries, block_size)
+    # Few tensor ops: the runtime calls this between every two decode steps.
     q = num_queries
-    pos = seq_lens.view(-1)[:q].clone()
-    col = pos // block_size
-    if bool((col >= block_tables.shape[1]).any()):
+    pos = seq_lens.view(-1)[:q]
+    col = torch.div(pos, block_size, rounding_mode="floor")
+    if int(col.max()) >= block_tables.shape[1]:
         fail(OP, "block_tables", f"has {block_tables.shape[1]} columns but a sequence reaches position "
              f"{int(pos.max())} (block {int(col.max())})", "allocate the next block before advancing")
-    rows = torch.arange(q, device=pos.device)
-    block = block_tables[rows, col.clamp(max=block_tables.shape[1] - 1)].to(torch.int64)
+    block = block_tables[:q].gather(1, col.view(q, 1)).view(q).to(torch.int64)
+    input_positions.view(-1)[:q].copy_(pos)  # before seq_lens moves on (pos is a view of it)
+    slot_mapping.view(-1)[:q].copy_(torch.add(pos, block - col, alpha=block_size))  # block*bs + pos % bs
     input_tokens.view(-1)[:q].copy_(sampled_token_ids.reshape(-1))
-    input_positions.view(-1)[:q].copy_(pos)
     seq_lens.view(-1)[:q].add_(1)
-    slot_mapping.view(-1)[:q].copy_(block * block_size + pos % block_size)
 
 
 @torch.library.register_fake(f"graphgen::{OP}")
