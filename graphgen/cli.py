@@ -186,12 +186,13 @@ def run(
 
 
 def _run_verify(artifact: Path, *, prompts, max_new_tokens, as_json: bool, layers: bool) -> None:
+    from .artifact import ArtifactError
+    from .verify import VerifyError, print_report, verify_artifact
+
     try:
-        from .verify import print_report, verify_artifact
-    except ImportError:
-        console.print("[yellow]verify is not available in this build; skipped[/]")
-        return
-    report = verify_artifact(artifact, prompts=prompts, max_new_tokens=max_new_tokens, layers=layers)
+        report = verify_artifact(artifact, prompts=prompts, max_new_tokens=max_new_tokens, layers=layers)
+    except (VerifyError, ArtifactError) as e:
+        _fail(str(e))
     if as_json:
         sys.stdout.write(json.dumps(report.to_dict()) + "\n")
     else:
@@ -220,10 +221,8 @@ def verify(
 @app.command()
 def doctor(recipe: Optional[Path] = typer.Argument(None, help="recipe whose target to check")) -> None:
     """What this machine has (torch, transformers, torch_npu, torchair, CANN, devices) and can build."""
-    try:
-        from .doctor import doctor as run_doctor, print_doctor
-    except ImportError:
-        _fail("doctor is not available in this build")
+    from .doctor import doctor as run_doctor, print_doctor
+
     report, code = run_doctor(str(recipe) if recipe else None)
     print_doctor(report, out)
     raise typer.Exit(code)
