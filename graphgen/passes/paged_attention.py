@@ -76,6 +76,16 @@ def write_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, kv: torch.Tensor, 
         cache.index_put_((blocks[:, None], heads[None, :], offsets[:, None]), kv)
 
 
+def write_new_tokens(key, value, key_cache, value_cache, slot_mapping, *, head_dim: int, layout: str, block_size: int):
+    """Write the new tokens' K/V, key/value (B, Nkv, S, Dm), into the pools at `slot_mapping`
+    (B*S slots, batch-major). Returns them as (B*S, Nkv, D), zero-padded to the stored head_dim."""
+    k = _pad_last(key.transpose(1, 2).flatten(0, 1), head_dim)
+    v = _pad_last(value.transpose(1, 2).flatten(0, 1), head_dim)
+    write_kv(key_cache, slot_mapping, k, layout=layout, block_size=block_size)
+    write_kv(value_cache, slot_mapping, v, layout=layout, block_size=block_size)
+    return k, v
+
+
 def prefill_attention(
     query, key, value, key_cache, value_cache, slot_mapping, cu_seq_lens, mask, *, layout: str, block_size: int,
     head_dim: int, scale: float, sliding_window: int,
@@ -83,10 +93,8 @@ def prefill_attention(
     """query (1, N, T, Dm), key/value (1, Nkv, T, Dm) of the packed new tokens -> (1, T, N, Dm)."""
     n, nkv, dm, d = query.shape[1], key.shape[1], query.shape[-1], head_dim
     q = _pad_last(query[0].transpose(0, 1), d)  # (T, N, D)
-    k = _pad_last(key[0].transpose(0, 1), d)  # (T, Nkv, D)
-    v = _pad_last(value[0].transpose(0, 1), d)
-    write_kv(key_cache, slot_mapping, k, layout=layout, block_size=block_size)
-    write_kv(value_cache, slot_mapping, v, layout=layout, block_size=block_size)
+    k, v = write_new_tokens(key, value, key_cache, value_cache, slot_mapping, head_dim=d, layout=layout,
+                            block_size=block_size)  # (T, Nkv, D)
     band = sliding_window > 0
     out = torch.ops.graphgen.npu_prompt_flash_attention.tensor_lengths(
         q, k, v,
@@ -112,8 +120,7 @@ def decode_attention(
     b, n, _, dm = query.shape
     nkv, d = key.shape[1], head_dim
     q = _pad_last(query, d)
-    write_kv(key_cache, slot_mapping, _pad_last(key[:, :, 0], d), layout=layout, block_size=block_size)
-    write_kv(value_cache, slot_mapping, _pad_last(value[:, :, 0], d), layout=layout, block_size=block_size)
+    write_new_tokens(key, value, key_cache, value_cache, slot_mapping, head_dim=d, layout=layout, block_size=block_size)
     atten_mask = None
     if sliding_window > 0:
         # Pool position j of sequence b is masked unless seq_len - window <= j (IFA has no band).
@@ -146,10 +153,7 @@ def extend_attention(
     _, n, t, dm = query.shape
     nkv, d = key.shape[1], head_dim
     q = _pad_last(query, d)
-    k = _pad_last(key[0].transpose(0, 1), d)  # (T, Nkv, D)
-    v = _pad_last(value[0].transpose(0, 1), d)
-    write_kv(key_cache, slot_mapping, k, layout=layout, block_size=block_size)
-    write_kv(value_cache, slot_mapping, v, layout=layout, block_size=block_size)
+    write_new_tokens(key, value, key_cache, value_cache, slot_mapping, head_dim=d, layout=layout, block_size=block_size)
     band = sliding_window > 0
     q_in = q.transpose(1, 2).reshape(1, t, n * d) if layout == "BSH" else q
     out, _ = torch.ops.graphgen.npu_fused_infer_attention_score.tensor_lengths(
@@ -178,10 +182,8 @@ def prefill_attention_portable(
     (varlen, causal within each packed sequence) -> (1, T, N, Dm)."""
     dm = query.shape[-1]
     q = _pad_last(query[0].transpose(0, 1), head_dim)  # (T, N, D)
-    k = _pad_last(key[0].transpose(0, 1), head_dim)  # (T, Nkv, D)
-    v = _pad_last(value[0].transpose(0, 1), head_dim)
-    write_kv(key_cache, slot_mapping, k, layout=layout, block_size=block_size)
-    write_kv(value_cache, slot_mapping, v, layout=layout, block_size=block_size)
+    k, v = write_new_tokens(key, value, key_cache, value_cache, slot_mapping, head_dim=head_dim, layout=layout,
+                            block_size=block_size)
     out = torch.ops.graphgen.varlen_attention(q, k, v, cu_seq_lens, scale=scale, sliding_window=sliding_window,
                                               softcap=softcap, sinks=sinks)
     return out[..., :dm].unsqueeze(0)
@@ -194,10 +196,8 @@ def paged_attention_portable(
     """extend/decode_attention for a layer with softcap/sinks: query (B, N, Sq, Dm), key/value
     (B, Nkv, Sq, Dm) of the new tokens (written first) -> (B, Sq, N, Dm) over the pool."""
     dm, nkv = query.shape[-1], key.shape[1]
-    k = _pad_last(key.transpose(1, 2).flatten(0, 1), head_dim)  # (B*Sq, Nkv, D), slot order
-    v = _pad_last(value.transpose(1, 2).flatten(0, 1), head_dim)
-    write_kv(key_cache, slot_mapping, k, layout=layout, block_size=block_size)
-    write_kv(value_cache, slot_mapping, v, layout=layout, block_size=block_size)
+    write_new_tokens(key, value, key_cache, value_cache, slot_mapping, head_dim=head_dim, layout=layout,
+                     block_size=block_size)
     out = torch.ops.graphgen.paged_attention(
         _pad_last(query, head_dim), key_cache, value_cache, block_table, seq_lens, num_key_value_heads=nkv,
         scale=scale, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
