@@ -49,12 +49,9 @@ def paged_decode(query, key_cache, value_cache, block_table, seq_lens, *, num_he
         d = query.shape[-1]
         q = query[:, :, 0]
     ct = compute_dtype(query)
+    table = block_table.to(torch.int64)
+    m = table.shape[1]
     lens = seq_lens.to(torch.int64)
-    # Read only the blocks the longest sequence uses, not the whole table (max_model_len wide).
-    m = ((lens.max() + block_size - 1) // block_size).clamp(1, block_table.shape[1]).item()
-    torch._check(m >= 1)
-    torch._check(m <= block_table.shape[1])
-    table = block_table[:, :m].to(torch.int64)
     # Entries past a row's last block may hold anything: read block 0 there (masked anyway).
     needed = torch.arange(m, device=table.device).view(1, m) < ((lens + block_size - 1) // block_size).view(b, 1)
     table = torch.where(needed, table, torch.zeros_like(table))
