@@ -130,3 +130,14 @@ def check_block_table(op: str, block_table: torch.Tensor) -> None:
 def check_mask_dtype(op: str, mask: torch.Tensor) -> None:
     if mask.dtype not in (torch.bool, torch.int8, torch.uint8) and not mask.dtype.is_floating_point:
         fail(op, "atten_mask", f"has dtype {mask.dtype}", "pass a bool/int8/uint8 mask where 1 means masked out")
+
+
+def with_defaults(op: str, kw: dict, defaults: dict, padding_mask_fix: str) -> dict:
+    """kw filled with the schema's defaults. Unknown keywords (the dispatcher rejects them first;
+    kept for direct Python calls) and padding_mask (reserved upstream) are refused."""
+    unknown = set(kw) - set(defaults)
+    if unknown:
+        raise TypeError(f"{op}() got unexpected keyword arguments {sorted(unknown)}")
+    kw = {**defaults, **kw}
+    forbid(op, "padding_mask", kw["padding_mask"] is not None, "(reserved upstream, not supported)", padding_mask_fix)
+    return kw

@@ -35,12 +35,7 @@ _DEFAULTS = dict(
 
 
 def _args(query, key, value, kw: dict) -> InferArgs:
-    unknown = set(kw) - set(_DEFAULTS)
-    if unknown:  # the dispatcher rejects these first; kept for direct Python calls
-        raise TypeError(f"{OP}() got unexpected keyword arguments {sorted(unknown)}")
-    kw = {**_DEFAULTS, **kw}
-    C.forbid(OP, "padding_mask", kw["padding_mask"] is not None, "(reserved upstream, not supported)",
-             "use atten_mask (1 = masked) or actual_seq_lengths/actual_seq_lengths_kv")
+    kw = C.with_defaults(OP, kw, _DEFAULTS, "use atten_mask (1 = masked) or actual_seq_lengths/actual_seq_lengths_kv")
     return InferArgs(
         op=OP, kind="pfa", query=query, key=key, value=value, layout=kw["input_layout"],
         num_heads=kw["num_heads"], num_kv_heads=kw["num_key_value_heads"], scale=kw["scale_value"],
