@@ -12,8 +12,14 @@ these decompositions so the whole step is compiled code:
   lengths tensor for queries and keys (the prefill graph's call): causal (and banded) attention
   within each packed sequence, through `scaled_dot_product_attention` with a boolean mask.
 
+- `aten.linear` in fp32 on CPU: oneDNN's inner product (`mkldnn._linear_pointwise`, which
+  AOTInductor calls through its C shim and can fuse an activation into). ATen's fp32 linear is
+  MKL's sgemm/sgemv, which on this project's AVX2 AMD machines runs a batch-1 GEMV on one thread;
+  oneDNN's threads it (see docs/performance.md). bf16 keeps ATen's linear (already oneDNN, and
+  the pointwise op refuses plain bf16 weights without AVX512-BF16).
+
 Anything else (masks, pse, quantization, padding, other modes) returns NotImplemented and stays a
-call of the reference kernel. Static checks already ran in the fake kernels when the graph was
+call of the reference kernel (or ATen's own decomposition). Static checks already ran in the fake kernels when the graph was
 exported; indexing the pools through the block table is bounds-checked by the compiled code.
 """
 from __future__ import annotations
@@ -135,6 +141,19 @@ def _pfa(query, key, value, **kw):
                          pre_tokens=pre if mode == 4 else None)
 
 
+def _linear(x, weight, bias=None):
+    if not onednn_linear_available() or x.device.type != "cpu" or weight.device.type != "cpu" \
+            or x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.dim() != 2 \
+            or (bias is not None and bias.dtype != torch.float32):
+        return NotImplemented
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def onednn_linear_available() -> bool:
+    """Whether this torch build has oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 def serving_decompositions() -> dict:
     """op overload -> decomposition, for `ExportedProgram.run_decompositions`."""
-    return {IFA: _ifa, PFA: _pfa}
+    return {IFA: _ifa, PFA: _pfa, torch.ops.aten.linear.default: _linear}

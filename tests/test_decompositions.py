@@ -1,0 +1,112 @@
+"""The serving decompositions the inductor backend applies before AOTInductor
+(graphgen/ops/decompositions.py): what they replace, what they leave alone, and that the
+replacement computes what the op it replaces computes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import graphgen.ops  # noqa: F401
+from graphgen.ops.decompositions import onednn_linear_available, serving_decompositions
+from tests.naive import page_kv
+
+ifa = torch.ops.graphgen.npu_incre_flash_attention
+pfa = torch.ops.graphgen.npu_prompt_flash_attention
+
+
+def _targets(ep) -> list[str]:
+    return [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(32, 64, bias=False)
+        self.down = torch.nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+@pytest.mark.skipif(not onednn_linear_available(), reason="torch built without oneDNN")
+def test_fp32_cpu_linear_becomes_onednn_and_computes_the_same():
+    torch.manual_seed(0)
+    m = _MLP()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    ep = torch.export.export(m, (torch.randn(2, 3, 32),), dynamic_shapes=({0: batch},))
+    decomposed = ep.run_decompositions(serving_decompositions())
+    targets = _targets(decomposed)
+    assert targets.count("mkldnn._linear_pointwise.default") == 2
+    assert not any(t.startswith("aten.linear") or t.startswith("aten.mm") or t.startswith("aten.addmm")
+                   for t in targets)
+    for b in (1, 5):
+        x = torch.randn(b, 3, 32)
+        torch.testing.assert_close(decomposed.module()(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_linear_keeps_aten():
+    m = _MLP().to(torch.bfloat16)
+    ep = torch.export.export(m, (torch.randn(2, 32, dtype=torch.bfloat16),))
+    targets = _targets(ep.run_decompositions(serving_decompositions()))
+    assert "mkldnn._linear_pointwise.default" not in targets
+    assert targets.count("aten.linear.default") == 2
+
+
+@pytest.mark.parametrize("layout", ["BSH", "BNSD"])
+def test_paged_decode_ifa_call_is_replaced_by_aten_with_the_same_result(layout):
+    torch.manual_seed(0)
+    b, n, nkv, d, bs, skv = 3, 4, 2, 16, 16, 37
+    gen = torch.Generator().manual_seed(1)
+    k, v = torch.randn(b, nkv, skv, d), torch.randn(b, nkv, skv, d)
+    key, table = page_kv(k, bs, layout == "BNSD", gen)
+    value = torch.randn_like(key)
+    q = torch.randn(b, 1, n * d) if layout == "BSH" else torch.randn(b, n, 1, d)
+    lens = torch.tensor([37, 1, 0], dtype=torch.int64)  # a row with nothing visible gives zeros
+    kw = dict(num_heads=n, scale_value=d ** -0.5, input_layout=layout, num_key_value_heads=nkv,
+              block_table=table, block_size=bs)
+
+    class Decode(torch.nn.Module):
+        def forward(self, q, key, value, table, lens):
+            return ifa.tensor_lengths(q, key, value, actual_seq_lengths=lens, **{**kw, "block_table": table})
+
+    args = (q, key, value, table, lens)
+    ep = torch.export.export(Decode(), args)
+    decomposed = ep.run_decompositions(serving_decompositions())
+    assert not any("graphgen" in t for t in _targets(decomposed))
+    expected = Decode()(*args)
+    torch.testing.assert_close(decomposed.module()(*args), expected, rtol=1e-5, atol=1e-5)
+    assert expected.reshape(b, -1)[2].abs().max() == 0
+
+
+def test_packed_causal_pfa_call_is_replaced_by_aten_with_the_same_result():
+    torch.manual_seed(0)
+    n, nkv, d, t = 4, 2, 16, 11
+    q, k, v = torch.randn(t, n, d), torch.randn(t, nkv, d), torch.randn(t, nkv, d)
+    ends = torch.tensor([4, 9], dtype=torch.int64)  # two sequences, then two tokens past the last end
+    mask = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), diagonal=1)
+
+    class Prefill(torch.nn.Module):
+        def forward(self, q, k, v, ends, mask):
+            return pfa.tensor_lengths(q, k, v, atten_mask=mask, actual_seq_lengths=ends, actual_seq_lengths_kv=ends,
+                                      num_heads=n, num_key_value_heads=nkv, scale_value=d ** -0.5,
+                                      input_layout="TND", sparse_mode=3)
+
+    args = (q, k, v, ends, mask)
+    decomposed = torch.export.export(Prefill(), args).run_decompositions(serving_decompositions())
+    assert not any("graphgen" in t for t in _targets(decomposed))
+    torch.testing.assert_close(decomposed.module()(*args), Prefill()(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_calls_outside_the_serving_forms_stay_reference_kernel_calls():
+    n, d, t = 2, 16, 6
+    q, k, v = torch.randn(t, n, d), torch.randn(t, n, d), torch.randn(t, n, d)
+    ends = torch.tensor([6], dtype=torch.int64)
+    mask = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), diagonal=1)
+
+    class Prefill(torch.nn.Module):  # sparse_mode 2 is not a serving form
+        def forward(self, q, k, v, ends, mask):
+            return pfa.tensor_lengths(q, k, v, atten_mask=mask, actual_seq_lengths=ends, actual_seq_lengths_kv=ends,
+                                      num_heads=n, scale_value=d ** -0.5, input_layout="TND", sparse_mode=2)
+
+    targets = _targets(torch.export.export(Prefill(), (q, k, v, ends, mask)).run_decompositions(serving_decompositions()))
+    assert any("npu_prompt_flash_attention" in t for t in targets)
