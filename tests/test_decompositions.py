@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import graphgen.ops  # noqa: F401
+from graphgen.ops import gemv_linear
 from graphgen.ops.decompositions import onednn_linear_available, serving_decompositions
 from tests.naive import page_kv
 
@@ -29,14 +30,15 @@ class _MLP(torch.nn.Module):
 
 
 @pytest.mark.skipif(not onednn_linear_available(), reason="torch built without oneDNN")
-def test_fp32_cpu_linear_becomes_onednn_and_computes_the_same():
+def test_fp32_cpu_linear_becomes_the_gemv_kernel_and_computes_the_same():
     torch.manual_seed(0)
     m = _MLP()
     batch = torch.export.Dim("batch", min=1, max=64)
     ep = torch.export.export(m, (torch.randn(2, 3, 32),), dynamic_shapes=({0: batch},))
     decomposed = ep.run_decompositions(serving_decompositions())
     targets = _targets(decomposed)
-    assert targets.count("mkldnn._linear_pointwise.default") == 2
+    replacement = "graphgen.gemv_linear.default" if gemv_linear.available() else "mkldnn._linear_pointwise.default"
+    assert targets.count(replacement) == 2
     assert not any(t.startswith("aten.linear") or t.startswith("aten.mm") or t.startswith("aten.addmm")
                    for t in targets)
     for b in (1, 5):
@@ -44,12 +46,16 @@ def test_fp32_cpu_linear_becomes_onednn_and_computes_the_same():
         torch.testing.assert_close(decomposed.module()(x), m(x), rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_linear_keeps_aten():
+def test_bf16_linear_becomes_the_gemv_kernel_or_stays_aten():
     m = _MLP().to(torch.bfloat16)
     ep = torch.export.export(m, (torch.randn(2, 32, dtype=torch.bfloat16),))
-    targets = _targets(ep.run_decompositions(serving_decompositions()))
-    assert "mkldnn._linear_pointwise.default" not in targets
-    assert targets.count("aten.linear.default") == 2
+    decomposed = ep.run_decompositions(serving_decompositions())
+    targets = _targets(decomposed)
+    assert "mkldnn._linear_pointwise.default" not in targets  # refuses plain bf16 weights without AVX512-BF16
+    replacement = "graphgen.gemv_linear.default" if gemv_linear.available() else "aten.linear.default"
+    assert targets.count(replacement) == 2
+    x = torch.randn(2, 32, dtype=torch.bfloat16)
+    torch.testing.assert_close(decomposed.module()(x), m(x), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("layout", ["BSH", "BNSD"])

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.utils._pytree as pytree
 
+from ..ops import gemv_linear
 from ..ops.decompositions import serving_decompositions
 
 FORMAT = "aoti"
@@ -27,8 +28,15 @@ INDUCTOR_CONFIGS = {
 def save(ep: torch.export.ExportedProgram, path: Path) -> list[str]:
     """Compile `ep` to an AOTInductor package at `path`; return the constant names it expects."""
     ep = ep.run_decompositions(serving_decompositions())
-    torch._inductor.aoti_compile_and_package(ep, package_path=str(path), inductor_configs=dict(INDUCTOR_CONFIGS))
+    torch._inductor.aoti_compile_and_package(ep, package_path=str(path), inductor_configs=_configs())
     return list(torch._inductor.aoti_load_package(str(path)).get_constant_fqns())
+
+
+def _configs() -> dict:
+    configs = dict(INDUCTOR_CONFIGS)
+    if gemv_linear.available():  # compiled graphs call graphgen::gemv_linear as a C shim
+        configs.update(gemv_linear.inductor_configs())
+    return configs
 
 
 class CompiledGraph:
@@ -59,7 +67,16 @@ def load(path: Path, constants: dict[str, torch.Tensor]) -> CompiledGraph:
     """Load the package and bind its constants (shared with the caller, not copied). Uses the C++
     loader directly: `torch._inductor.aoti_load_package` imports the whole compiler (seconds)."""
     _check_isa(path)
-    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+    if gemv_linear.available():  # loads the kernel library the graph's gemv_linear calls resolve to
+        gemv_linear.set_num_threads(torch.get_num_threads())
+    try:
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+    except RuntimeError as e:
+        if gemv_linear.SHIM in str(e):
+            raise RuntimeError(f"{path}: the graph calls graphgen's CPU kernel {gemv_linear.SHIM}, which could not "
+                               "be built or loaded here (see the warning above); install a C++ compiler (g++) or "
+                               "rebuild the artifact on this machine") from e
+        raise
     expected = set(loader.get_constant_fqns())
     missing = sorted(expected - constants.keys())
     if missing:

@@ -12,11 +12,13 @@ these decompositions so the whole step is compiled code:
   lengths tensor for queries and keys (the prefill graph's call): causal (and banded) attention
   within each packed sequence, through `scaled_dot_product_attention` with a boolean mask.
 
-- `aten.linear` in fp32 on CPU: oneDNN's inner product (`mkldnn._linear_pointwise`, which
-  AOTInductor calls through its C shim and can fuse an activation into). ATen's fp32 linear is
-  MKL's sgemm/sgemv, which on this project's AVX2 AMD machines runs a batch-1 GEMV on one thread;
-  oneDNN's threads it (see docs/performance.md). bf16 keeps ATen's linear (already oneDNN, and
-  the pointwise op refuses plain bf16 weights without AVX512-BF16).
+- `aten.linear` in fp32 or bf16 on CPU: `graphgen::gemv_linear` (ops/gemv_linear.py), whose C
+  shim the compiled graph calls directly: an AVX2 GEMV for decode's 1-4 rows, oneDNN's inner
+  product (fp32) or ATen's mm (bf16) for more. ATen's fp32 linear is MKL, which on this project's
+  AVX2 AMD machines runs a batch-1 GEMV on one thread; its bf16 linear (oneDNN) streams about as
+  slowly per byte (docs/performance.md). Where the kernel cannot be built, fp32 takes oneDNN's
+  inner product (`mkldnn._linear_pointwise`) and bf16 keeps ATen's linear (the pointwise op
+  refuses plain bf16 weights without AVX512-BF16).
 
 Anything else (masks, pse, quantization, padding, other modes) returns NotImplemented and stays a
 call of the reference kernel (or ATen's own decomposition). Static checks already ran in the fake kernels when the graph was
@@ -27,6 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import gemv_linear
 from ._checks import known_true
 from ._core import compute_dtype
 
@@ -142,11 +145,15 @@ def _pfa(query, key, value, **kw):
 
 
 def _linear(x, weight, bias=None):
-    if not onednn_linear_available() or x.device.type != "cpu" or weight.device.type != "cpu" \
-            or x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.dim() != 2 \
-            or (bias is not None and bias.dtype != torch.float32):
+    if x.device.type != "cpu" or weight.device.type != "cpu" or weight.dim() != 2 or x.dtype != weight.dtype \
+            or (bias is not None and bias.dtype != x.dtype):
         return NotImplemented
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    if x.dtype in gemv_linear.DTYPES and gemv_linear.available():
+        y = torch.ops.graphgen.gemv_linear(x, weight)
+        return y if bias is None else y + bias
+    if x.dtype == torch.float32 and onednn_linear_available():
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return NotImplemented
 
 
 def onednn_linear_available() -> bool:

@@ -1,0 +1,104 @@
+"""graphgen::gemv_linear: the fp32 CPU linear compiled decode graphs call as a C shim. The eager
+op runs the same C function through AOTI tensor handles, so these tests check the kernel itself."""
+from __future__ import annotations
+
+import ctypes
+import zipfile
+
+import pytest
+import torch
+
+from graphgen.ops import gemv_linear
+
+needs_kernel = pytest.mark.skipif(not gemv_linear.available(), reason="no AVX2 or no C++ compiler here")
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16])  # 1-4: the GEMV path; more: oneDNN inside the shim
+@pytest.mark.parametrize("n,k", [(37, 771), (8, 16), (2048, 768), (3, 5)])  # ragged N (R rows at a time) and K (8 lanes)
+def test_matches_linear(rows, n, k):
+    gen = torch.Generator().manual_seed(rows * 1000 + n + k)
+    x, w = torch.randn(rows, k, generator=gen), torch.randn(n, k, generator=gen)
+    y = torch.ops.graphgen.gemv_linear(x, w)
+    assert y.shape == (rows, n) and y.is_contiguous()
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 4, 7])
+@pytest.mark.parametrize("n,k", [(37, 771), (2048, 768)])
+def test_bf16_matches_fp32_accumulation_rounded(rows, n, k):
+    gen = torch.Generator().manual_seed(rows + n + k)
+    x = torch.randn(rows, k, generator=gen).bfloat16()
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    y = torch.ops.graphgen.gemv_linear(x, w)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
+    # fp32 sums in another order, rounded once: at most one bf16 step apart
+    torch.testing.assert_close(y, torch.nn.functional.linear(x.float(), w.float()).bfloat16(), rtol=8e-3, atol=1e-2)
+
+
+@needs_kernel
+def test_bf16_strided_operands_take_the_mm_path():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 96, generator=gen).bfloat16()[:, ::2]
+    w = torch.randn(48, 20, generator=gen).bfloat16().T
+    y = torch.ops.graphgen.gemv_linear(x, w)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x.float(), w.float()).bfloat16(), rtol=8e-3, atol=1e-2)
+
+
+@needs_kernel
+def test_leading_dims_and_strided_operands():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 64, generator=gen)  # decode's (B, S=1, H)
+    w = torch.randn(24, 64, generator=gen)
+    torch.testing.assert_close(torch.ops.graphgen.gemv_linear(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
+    xs = torch.randn(3, 128, generator=gen)[:, ::2]  # strided: the shim hands it to oneDNN
+    wt = torch.randn(64, 24, generator=gen).T  # a transposed weight too
+    torch.testing.assert_close(torch.ops.graphgen.gemv_linear(xs, wt), xs @ wt.T, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_calls_say_what_is_wrong():
+    with pytest.raises(ValueError, match=r"x \(\.\.\., K\) and weight \(N, K\) expected, got \(2, 3\) and \(4, 5\)"):
+        torch.ops.graphgen.gemv_linear(torch.randn(2, 3), torch.randn(4, 5))
+    with pytest.raises(ValueError, match="both float32 or both bfloat16, got torch.bfloat16 and torch.float32"):
+        torch.ops.graphgen.gemv_linear(torch.randn(2, 3, dtype=torch.bfloat16), torch.randn(4, 3))
+
+
+def test_fake_kernel_gives_the_output_shape():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        y = torch.ops.graphgen.gemv_linear(torch.empty(5, 1, 32), torch.empty(7, 32))
+    assert y.shape == (5, 1, 7)
+
+
+@needs_kernel
+def test_thread_count_does_not_change_results():
+    gen = torch.Generator().manual_seed(1)
+    x, w = torch.randn(1, 256, generator=gen), torch.randn(300, 256, generator=gen)
+    try:
+        gemv_linear.set_num_threads(1)
+        one = torch.ops.graphgen.gemv_linear(x, w)
+    finally:
+        gemv_linear.set_num_threads(torch.get_num_threads())
+    assert torch.equal(one, torch.ops.graphgen.gemv_linear(x, w))  # each output is one thread's sum
+
+
+@needs_kernel
+def test_build_is_cached_per_source_and_torch(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRAPHGEN_CACHE_DIR", str(tmp_path))
+    first = gemv_linear._build()
+    assert first.is_relative_to(tmp_path) and first.exists()
+    stamp = first.stat().st_mtime_ns
+    assert gemv_linear._build() == first and first.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    lib = ctypes.CDLL(str(first))
+    assert hasattr(lib, gemv_linear.SHIM)
+
+
+@needs_kernel
+def test_compiled_tiny_graphs_call_the_shim(tiny_artifact):
+    """The Inductor artifact's graphs call the kernel directly (no proxy executor round trip)."""
+    with zipfile.ZipFile(tiny_artifact / "graphs" / "decode.pt2") as z:
+        wrapper = next(z.read(n).decode() for n in z.namelist() if n.endswith("wrapper.cpp"))
+    assert f"{gemv_linear.SHIM}(" in wrapper
+    assert "proxy_executor_call_function" not in wrapper
