@@ -2,16 +2,23 @@
 
 `compile_recipe(recipe)` runs the stages in order (DESIGN.md, data flow) and reports each one to an
 optional `progress(stage, detail)` callback; the CLI turns those into a rich progress display.
+With Inductor on the CPU, each phase graph's backend compile (tens of seconds, mostly Inductor and
+g++) runs in a worker forked after its export, so the phases compile concurrently (`CompileWorkers`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import multiprocessing
+import multiprocessing.connection
+import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -216,6 +223,126 @@ def _special_tokens(model, tokenizer) -> dict:
     return {"bos": tokenizer.bos_token_id, "eos": eos_ids, "pad": tokenizer.pad_token_id}
 
 
+# A backend compile's own working set besides the weights (Inductor's Python, g++ on the wrapper).
+WORKER_OVERHEAD_BYTES = 1 << 30
+
+
+def compile_jobs(graphs: int, weight_bytes: int, *, cpus: int | None, available: int | None) -> int:
+    """How many graphs to compile at once: one per graph, at most one more than the cores (a
+    compile alternates between Inductor's Python and g++, so a third job fills the gaps on two
+    cores), and only as many as fit, at weights plus WORKER_OVERHEAD_BYTES each, in half of the
+    `available` memory (bytes; a fork may come to copy the weights). 1 (serial) when unknown."""
+    if not cpus or not available:
+        return 1
+    by_memory = available // 2 // (weight_bytes + WORKER_OVERHEAD_BYTES)
+    return max(1, min(graphs, cpus + 1, by_memory))
+
+
+def _parallel_jobs(backend, device: torch.device, model: torch.nn.Module) -> int:
+    """Inductor for the CPU compiles the phase graphs in forked workers (a fork cannot use CUDA);
+    every other backend compiles here, one graph after another."""
+    if backend.FORMAT != "aoti" or device.type != "cpu" or "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return compile_jobs(len(PHASE_INPUTS), _weight_bytes(model), cpus=cpus, available=_mem_available())
+
+
+def _mem_available() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes; None where there is none (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _compile_in_worker(save, ep, path: Path, threads: int, conn) -> None:
+    """Runs in the forked child: compile, send back ("ok", constant names) or ("error", traceback
+    text; exceptions need not pickle). Prints nothing through the parent's rich console."""
+    try:
+        torch.set_num_threads(1)  # GNU OpenMP is not fork-safe once the parent used its pool
+        # ...but the code is generated for the parent's threads: Inductor sizes its kernels' OpenMP
+        # regions by torch.get_num_threads() (config cpp.threads would always write a fixed count).
+        torch.get_num_threads = lambda: threads
+        sys.stdout = sys.stderr  # the parent's progress spinner may have held stdout's lock at the fork
+        conn.send(("ok", save(ep, path)))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+class CompileWorkers:
+    """Backend compiles of the phase graphs in processes forked from this one (Linux 'fork': no
+    re-import of torch, the ExportedProgram is not serialized), at most `jobs` at a time, while
+    the caller goes on exporting the next phase. Leaving the `with` kills what still runs."""
+
+    def __init__(self, jobs: int, say: Progress):
+        self.jobs, self.say = jobs, say
+        self.running: dict[str, tuple[multiprocessing.Process, multiprocessing.connection.Connection, float]] = {}
+        self.done: dict[str, list[str]] = {}
+        self.order: list[str] = []
+
+    def submit(self, phase: str, save, ep: torch.export.ExportedProgram, path: Path) -> None:
+        """Fork a worker that runs `save(ep, path)` (a backend's save) and keeps its result."""
+        self._collect(timeout=0)
+        while len(self.running) >= self.jobs:
+            self._collect(timeout=None)
+        ctx = multiprocessing.get_context("fork")
+        recv, send = ctx.Pipe(duplex=False)
+        args = (save, ep, path, torch.get_num_threads(), send)
+        process = ctx.Process(target=_compile_in_worker, args=args, name=f"graphgen-compile-{phase}")
+        process.start()
+        send.close()  # the child holds the only write end: its death reads as EOF here
+        self.running[phase] = (process, recv, time.perf_counter())
+        self.order.append(phase)
+
+    def results(self) -> dict[str, list[str]]:
+        """Wait for every submitted compile; phase -> the constant names `save` returned, in
+        submission order. Raises CompileError naming the phase of the first failure."""
+        while self.running:
+            self._collect(timeout=None)
+        return {phase: self.done[phase] for phase in self.order}
+
+    def _collect(self, timeout: float | None) -> None:
+        conns = {conn: phase for phase, (_, conn, _) in self.running.items()}
+        for conn in multiprocessing.connection.wait(list(conns), timeout):
+            phase = conns[conn]
+            process, _, started = self.running.pop(phase)
+            try:
+                status, payload = conn.recv()
+            except EOFError:
+                status, payload = "died", None
+            conn.close()
+            process.join()
+            if status == "died":
+                raise CompileError(f"{phase}: the backend compile worker (pid {process.pid}) died without a "
+                                   f"result, exit code {process.exitcode} (a negative code is the signal; "
+                                   "-9 is often the out-of-memory killer)")
+            if status == "error":
+                raise CompileError(f"{phase}: backend compile failed in its worker process:\n{payload}")
+            self.done[phase] = payload
+            self.say("backend", f"{phase}: compiled in {time.perf_counter() - started:.1f}s")
+
+    def __enter__(self) -> "CompileWorkers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for process, conn, _ in self.running.values():
+            process.kill()
+            process.join()
+            conn.close()
+        self.running.clear()
+
+
 def compile_recipe(
     recipe: Recipe, *, output: str | Path | None = None, target: str | None = None, force: bool = False,
     progress: Progress | None = None,
@@ -261,37 +388,47 @@ def compile_recipe(
         _copy_checkpoint(checkpoint, root / "model")
         ckpt = _load_checkpoint_tensors(root / "model")
         (root / "graphs").mkdir()
-        lowered, weight_maps, extra_constants, graphs = [], {}, {}, {}
-        for phase, inputs in PHASE_INPUTS.items():
-            if npu is not None and phase not in npu.phases:
-                say("passes", npu.notes[phase])
-                continue
-            say("passes", f"{phase}: paged attention rewrite")
-            gm, rec = paged_graph_module(ep, phase, spec)
-            result.attention_rewritten[phase] = rec.matched
-            ex, dims = _example_inputs(phase, spec, recipe, device)
-            with torch.no_grad():
-                paged = torch.export.export(gm, tuple(ex), dynamic_shapes=dims, strict=False)
-            lowered.append(paged.graph_module)
-            say("backend", f"{phase}: {recipe.compile.backend}")
-            rel = f"graphs/{phase}.pt2"
-            if npu is not None:
-                rel, fqns, npu_entry, lowered[-1:] = npu.save(
-                    paged, phase, root, inputs + cache_input_names(spec.num_layers), spec)
-            else:
-                fqns = backend.save(paged, root / rel)
-            weight_maps[phase], extra = _weight_map(gm, fqns, ckpt)
+        lowered, extra_constants, graphs, modules = [], {}, {}, {}
+        jobs = _parallel_jobs(backend, device, model)
+        with CompileWorkers(jobs, say) as workers:
+            for phase, inputs in PHASE_INPUTS.items():
+                if npu is not None and phase not in npu.phases:
+                    say("passes", npu.notes[phase])
+                    continue
+                say("passes", f"{phase}: paged attention rewrite")
+                gm, rec = paged_graph_module(ep, phase, spec)
+                result.attention_rewritten[phase] = rec.matched
+                ex, dims = _example_inputs(phase, spec, recipe, device)
+                with torch.no_grad():
+                    paged = torch.export.export(gm, tuple(ex), dynamic_shapes=dims, strict=False)
+                lowered.append(paged.graph_module)
+                rel = f"graphs/{phase}.pt2"
+                graphs[phase] = {
+                    "file": rel,
+                    "format": backend.FORMAT,
+                    "inputs": inputs + cache_input_names(spec.num_layers),
+                    "outputs": ["logits"],
+                    "weights": None,  # filled in below, once the backend says which constants it kept
+                }
+                modules[phase] = gm
+                if npu is not None:
+                    say("backend", f"{phase}: {recipe.compile.backend}")
+                    rel, fqns, npu_entry, lowered[-1:] = npu.save(
+                        paged, phase, root, inputs + cache_input_names(spec.num_layers), spec)
+                    graphs[phase].update(file=rel, weights=fqns)
+                    graphs[phase].update(npu_entry)
+                elif jobs > 1:
+                    say("backend", f"{phase}: {recipe.compile.backend} (compiling in parallel, {jobs} workers)")
+                    workers.submit(phase, backend.save, paged, root / rel)
+                else:
+                    say("backend", f"{phase}: {recipe.compile.backend}")
+                    graphs[phase]["weights"] = backend.save(paged, root / rel)
+                result.graphs[phase] = rel
+            for phase, fqns in workers.results().items():
+                graphs[phase]["weights"] = fqns
+        for phase, entry in graphs.items():
+            entry["weights"], extra = _weight_map(modules[phase], entry["weights"], ckpt)
             extra_constants.update(extra)
-            graphs[phase] = {
-                "file": rel,
-                "format": backend.FORMAT,
-                "inputs": inputs + cache_input_names(spec.num_layers),
-                "outputs": ["logits"],
-                "weights": weight_maps[phase],
-            }
-            if npu is not None:
-                graphs[phase].update(npu_entry)
-            result.graphs[phase] = rel
         graphs["decode"]["batch_sizes"] = list(recipe.graphs.decode_batch_sizes)
         prefill = recipe.graphs.prefill
         graphs["prefill"]["token_buckets"] = None if prefill == "varlen" else list(prefill.buckets)
