@@ -46,16 +46,12 @@ def test_fp32_cpu_linear_becomes_the_gemv_kernel_and_computes_the_same():
         torch.testing.assert_close(decomposed.module()(x), m(x), rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_linear_becomes_the_gemv_kernel_or_stays_aten():
+def test_bf16_linear_keeps_aten():
     m = _MLP().to(torch.bfloat16)
     ep = torch.export.export(m, (torch.randn(2, 32, dtype=torch.bfloat16),))
-    decomposed = ep.run_decompositions(serving_decompositions())
-    targets = _targets(decomposed)
-    assert "mkldnn._linear_pointwise.default" not in targets  # refuses plain bf16 weights without AVX512-BF16
-    replacement = "graphgen.gemv_linear.default" if gemv_linear.available() else "aten.linear.default"
-    assert targets.count(replacement) == 2
-    x = torch.randn(2, 32, dtype=torch.bfloat16)
-    torch.testing.assert_close(decomposed.module()(x), m(x), rtol=2e-2, atol=2e-2)
+    targets = _targets(ep.run_decompositions(serving_decompositions()))
+    assert "mkldnn._linear_pointwise.default" not in targets and "graphgen.gemv_linear.default" not in targets
+    assert targets.count("aten.linear.default") == 2
 
 
 @pytest.mark.parametrize("layout", ["BSH", "BNSD"])

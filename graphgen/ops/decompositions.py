@@ -12,13 +12,12 @@ these decompositions so the whole step is compiled code:
   lengths tensor for queries and keys (the prefill graph's call): causal (and banded) attention
   within each packed sequence, through `scaled_dot_product_attention` with a boolean mask.
 
-- `aten.linear` in fp32 or bf16 on CPU: `graphgen::gemv_linear` (ops/gemv_linear.py), whose C
-  shim the compiled graph calls directly: an AVX2 GEMV for decode's 1-4 rows, oneDNN's inner
-  product (fp32) or ATen's mm (bf16) for more. ATen's fp32 linear is MKL, which on this project's
-  AVX2 AMD machines runs a batch-1 GEMV on one thread; its bf16 linear (oneDNN) streams about as
-  slowly per byte (docs/performance.md). Where the kernel cannot be built, fp32 takes oneDNN's
-  inner product (`mkldnn._linear_pointwise`) and bf16 keeps ATen's linear (the pointwise op
-  refuses plain bf16 weights without AVX512-BF16).
+- `aten.linear` in fp32 on CPU: `graphgen::gemv_linear` (ops/gemv_linear.py), whose C shim the
+  compiled graph calls directly: an AVX2 GEMV for decode's 1-4 rows, oneDNN's inner product for
+  more. ATen's fp32 linear is MKL, which on this project's AVX2 AMD machines runs a batch-1 GEMV
+  on one thread (docs/performance.md). Where the kernel cannot be built, oneDNN's inner product
+  (`mkldnn._linear_pointwise`). bf16 keeps ATen's linear (oneDNN), faster here than the kernel's
+  bf16 path; `mkldnn._linear_pointwise` refuses plain bf16 weights without AVX512-BF16.
 
 Anything else (masks, pse, quantization, padding, other modes) returns NotImplemented and stays a
 call of the reference kernel (or ATen's own decomposition). Static checks already ran in the fake kernels when the graph was
@@ -148,7 +147,9 @@ def _linear(x, weight, bias=None):
     if x.device.type != "cpu" or weight.device.type != "cpu" or weight.dim() != 2 or x.dtype != weight.dtype \
             or (bias is not None and bias.dtype != x.dtype):
         return NotImplemented
-    if x.dtype in gemv_linear.DTYPES and gemv_linear.available():
+    # bf16 stays ATen's (oneDNN): on this project's AVX2 machines it streams bf16 weights faster
+    # (~10-11 GB/s) than the kernel's widening bf16 path (~8-9 GB/s) does so far.
+    if x.dtype == torch.float32 and gemv_linear.available():
         y = torch.ops.graphgen.gemv_linear(x, weight)
         return y if bias is None else y + bias
     if x.dtype == torch.float32 and onednn_linear_available():

@@ -1,4 +1,4 @@
-"""`graphgen::gemv_linear(x, weight) -> x @ weight.T`: the fp32/bf16 CPU linear of compiled graphs.
+"""`graphgen::gemv_linear(x, weight) -> x @ weight.T`: the fp32 CPU linear of compiled graphs.
 
 Batch-1 decode is one matrix-vector product per weight matrix, bound by how fast the weights
 stream from memory. The kernel (csrc/gemv_linear.cpp: AVX2, OpenMP over bands of weight rows, each
@@ -11,7 +11,9 @@ graphgen's cache and exposed twice:
   tests run the very same code.
 
 Other shapes (more than 4 rows, strided operands) go to oneDNN's inner product (fp32) or ATen's mm
-(bf16) inside the shim.
+(bf16) inside the shim. The op takes bf16 too (weights widened in registers), but the serving
+decompositions route bf16 linears to ATen's oneDNN GEMV, which streams bf16 faster on the AVX2 AMD
+machines measured so far (docs/performance.md).
 `available()` is False where the CPU lacks AVX2 or no C++ compiler can build the kernel; callers
 then keep ATen's linear.
 """

@@ -60,11 +60,16 @@ inline void block(const float* x, const T* w, T* y, int64_t n0, int64_t N, int64
     for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
-    __m256 wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = load8(w + (n0 + r) * K + k);
-    for (int m = 0; m < M; ++m) {
-      const __m256 xv = _mm256_loadu_ps(x + m * K + k);
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(wv[r], xv, acc[m][r]);
+    if constexpr (M == 1) {  // each row's load feeds its FMA directly: 8 accumulators, no spills
+      const __m256 xv = _mm256_loadu_ps(x + k);
+      for (int r = 0; r < R; ++r) acc[0][r] = _mm256_fmadd_ps(load8(w + (n0 + r) * K + k), xv, acc[0][r]);
+    } else {
+      __m256 wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = load8(w + (n0 + r) * K + k);
+      for (int m = 0; m < M; ++m) {
+        const __m256 xv = _mm256_loadu_ps(x + m * K + k);
+        for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(wv[r], xv, acc[m][r]);
+      }
     }
   }
   for (int m = 0; m < M; ++m)
