@@ -413,8 +413,7 @@ def compile_recipe(
                 modules[phase] = gm
                 if npu is not None:
                     say("backend", f"{phase}: {recipe.compile.backend}")
-                    rel, fqns, npu_entry, lowered[-1:] = npu.save(
-                        paged, phase, root, inputs + cache_input_names(spec.num_layers), spec)
+                    rel, fqns, npu_entry, lowered[-1:] = npu.save(paged, phase, root, graphs[phase]["inputs"], spec)
                     graphs[phase].update(file=rel, weights=fqns)
                     graphs[phase].update(npu_entry)
                 elif jobs > 1:

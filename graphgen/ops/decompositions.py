@@ -20,8 +20,9 @@ these decompositions so the whole step is compiled code:
   bf16 path; `mkldnn._linear_pointwise` refuses plain bf16 weights without AVX512-BF16.
 
 Anything else (masks, pse, quantization, padding, other modes) returns NotImplemented and stays a
-call of the reference kernel (or ATen's own decomposition). Static checks already ran in the fake kernels when the graph was
-exported; indexing the pools through the block table is bounds-checked by the compiled code.
+call of the reference kernel (or ATen's own decomposition). Static checks already ran in the fake
+kernels when the graph was exported; indexing the pools through the block table is bounds-checked
+by the compiled code.
 """
 from __future__ import annotations
 

@@ -112,6 +112,14 @@ void run(const void* xp, const void* wp, void* yp, int64_t rows, int64_t N, int6
   }
 }
 
+// The row-major strides of `sizes` into `strides`.
+void contiguous_strides(int64_t dim, const int64_t* sizes, int64_t* strides) {
+  for (int64_t i = dim - 1, s = 1; i >= 0; --i) {
+    strides[i] = s;
+    s *= sizes[i];
+  }
+}
+
 bool contiguous(int64_t dim, const int64_t* sizes, const int64_t* strides) {
   int64_t expected = 1;
   for (int64_t i = dim - 1; i >= 0; --i) {
@@ -136,10 +144,7 @@ AOTITorchError bf16_mm(AtenTensorHandle x, int64_t xdim, const int64_t* xs, cons
   AtenTensorHandle xc = x, wc = w;
   if (!contiguous(xdim, xs, xst)) {
     int64_t strides[8];
-    for (int64_t i = xdim - 1, s = 1; i >= 0; --i) {
-      strides[i] = s;
-      s *= xs[i];
-    }
+    contiguous_strides(xdim, xs, strides);
     if ((err = aoti_torch_empty_strided(xdim, xs, strides, aoti_torch_dtype_bfloat16(), aoti_torch_device_type_cpu(), 0,
                                         &owned[0])) ||
         (err = aoti_torch_copy_(owned[0], x, 0)))
@@ -196,10 +201,7 @@ AOTITorchError aoti_torch_cpu_gemv_linear(AtenTensorHandle x, AtenTensorHandle w
   int64_t sizes[8], strides[8];
   for (int64_t i = 0; i + 1 < xdim; ++i) sizes[i] = xs[i];
   sizes[xdim - 1] = N;
-  for (int64_t i = xdim - 1, s = 1; i >= 0; --i) {
-    strides[i] = s;
-    s *= sizes[i];
-  }
+  contiguous_strides(xdim, sizes, strides);
   if ((err = aoti_torch_empty_strided(xdim, sizes, strides, xdtype, aoti_torch_device_type_cpu(), 0, ret0)))
     return err;
   if (!fast) return bf16_mm(x, xdim, xs, xst, weight, ws, wst, *ret0, rows);
