@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import graphgen.ops  # noqa: F401
-from graphgen.ops import gemv_linear
+from graphgen.ops import cpu_kernels
 from graphgen.ops.decompositions import onednn_linear_available, serving_decompositions
 from tests.naive import page_kv
 
@@ -37,7 +37,7 @@ def test_fp32_cpu_linear_becomes_the_gemv_kernel_and_computes_the_same():
     ep = torch.export.export(m, (torch.randn(2, 3, 32),), dynamic_shapes=({0: batch},))
     decomposed = ep.run_decompositions(serving_decompositions())
     targets = _targets(decomposed)
-    replacement = "graphgen.gemv_linear.default" if gemv_linear.available() else "mkldnn._linear_pointwise.default"
+    replacement = "graphgen.gemv_linear.default" if cpu_kernels.available() else "mkldnn._linear_pointwise.default"
     assert targets.count(replacement) == 2
     assert not any(t.startswith("aten.linear") or t.startswith("aten.mm") or t.startswith("aten.addmm")
                    for t in targets)
@@ -46,12 +46,18 @@ def test_fp32_cpu_linear_becomes_the_gemv_kernel_and_computes_the_same():
         torch.testing.assert_close(decomposed.module()(x), m(x), rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_linear_keeps_aten():
+def test_bf16_cpu_linear_becomes_the_gemv_kernel_too():
+    torch.manual_seed(0)
     m = _MLP().to(torch.bfloat16)
-    ep = torch.export.export(m, (torch.randn(2, 32, dtype=torch.bfloat16),))
-    targets = _targets(ep.run_decompositions(serving_decompositions()))
-    assert "mkldnn._linear_pointwise.default" not in targets and "graphgen.gemv_linear.default" not in targets
-    assert targets.count("aten.linear.default") == 2
+    x = torch.randn(2, 32, dtype=torch.bfloat16)
+    decomposed = torch.export.export(m, (x,)).run_decompositions(serving_decompositions())
+    targets = _targets(decomposed)
+    if cpu_kernels.available():
+        assert targets.count("graphgen.gemv_linear.default") == 2
+    else:  # oneDNN's linear refuses plain bf16 weights without AVX512-BF16: ATen's stays
+        assert targets.count("aten.linear.default") == 2
+    # fp32 accumulation rounded once per output, as ATen's bf16 linear: at most a bf16 step apart
+    torch.testing.assert_close(decomposed.module()(x), m(x), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("layout", ["BSH", "BNSD"])
@@ -74,7 +80,8 @@ def test_paged_decode_ifa_call_is_replaced_by_aten_with_the_same_result(layout):
     args = (q, key, value, table, lens)
     ep = torch.export.export(Decode(), args)
     decomposed = ep.run_decompositions(serving_decompositions())
-    assert not any("graphgen" in t for t in _targets(decomposed))
+    graphgen_ops = [t for t in _targets(decomposed) if "graphgen" in t]
+    assert graphgen_ops == (["graphgen.paged_decode_attention.default"] if cpu_kernels.available() else [])
     expected = Decode()(*args)
     torch.testing.assert_close(decomposed.module()(*args), expected, rtol=1e-5, atol=1e-5)
     assert expected.reshape(b, -1)[2].abs().max() == 0

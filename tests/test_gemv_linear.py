@@ -8,9 +8,10 @@ import zipfile
 import pytest
 import torch
 
-from graphgen.ops import gemv_linear
+from graphgen.ops import cpu_kernels
 
-needs_kernel = pytest.mark.skipif(not gemv_linear.available(), reason="no AVX2 or no C++ compiler here")
+SHIM = cpu_kernels.SHIMS["gemv_linear"][0]
+needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX2 or no C++ compiler here")
 
 
 @needs_kernel
@@ -77,22 +78,22 @@ def test_thread_count_does_not_change_results():
     gen = torch.Generator().manual_seed(1)
     x, w = torch.randn(1, 256, generator=gen), torch.randn(300, 256, generator=gen)
     try:
-        gemv_linear.set_num_threads(1)
+        cpu_kernels.set_num_threads(1)
         one = torch.ops.graphgen.gemv_linear(x, w)
     finally:
-        gemv_linear.set_num_threads(torch.get_num_threads())
+        cpu_kernels.set_num_threads(torch.get_num_threads())
     assert torch.equal(one, torch.ops.graphgen.gemv_linear(x, w))  # each output is one thread's sum
 
 
 @needs_kernel
 def test_build_is_cached_per_source_and_torch(tmp_path, monkeypatch):
     monkeypatch.setenv("GRAPHGEN_CACHE_DIR", str(tmp_path))
-    first = gemv_linear._build()
+    first = cpu_kernels._build()
     assert first.is_relative_to(tmp_path) and first.exists()
     stamp = first.stat().st_mtime_ns
-    assert gemv_linear._build() == first and first.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert cpu_kernels._build() == first and first.stat().st_mtime_ns == stamp  # reused, not rebuilt
     lib = ctypes.CDLL(str(first))
-    assert hasattr(lib, gemv_linear.SHIM)
+    assert hasattr(lib, SHIM)
 
 
 @needs_kernel
@@ -100,5 +101,5 @@ def test_compiled_tiny_graphs_call_the_shim(tiny_artifact):
     """The Inductor artifact's graphs call the kernel directly (no proxy executor round trip)."""
     with zipfile.ZipFile(tiny_artifact / "graphs" / "decode.pt2") as z:
         wrapper = next(z.read(n).decode() for n in z.namelist() if n.endswith("wrapper.cpp"))
-    assert f"{gemv_linear.SHIM}(" in wrapper
+    assert f"{SHIM}(" in wrapper
     assert "proxy_executor_call_function" not in wrapper

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.utils._pytree as pytree
 
-from ..ops import gemv_linear
+from ..ops import cpu_kernels
 from ..ops.decompositions import serving_decompositions
 
 FORMAT = "aoti"
@@ -34,8 +34,8 @@ def save(ep: torch.export.ExportedProgram, path: Path) -> list[str]:
 
 def _configs() -> dict:
     configs = dict(INDUCTOR_CONFIGS)
-    if gemv_linear.available():  # compiled graphs call graphgen::gemv_linear as a C shim
-        configs.update(gemv_linear.inductor_configs())
+    if cpu_kernels.available():  # compiled graphs call graphgen's CPU kernels as C shims
+        configs.update(cpu_kernels.inductor_configs())
     return configs
 
 
@@ -50,7 +50,14 @@ class CompiledGraph:
         self._out_spec = pytree.treespec_loads(loader.get_call_spec()[1])
 
     def __call__(self, *inputs: torch.Tensor):
-        return pytree.tree_unflatten(self._run(list(inputs)), self._out_spec)
+        try:
+            outputs = self._run(list(inputs))
+        except RuntimeError as e:  # a failing C shim leaves only "API call failed" in e; say why
+            why = cpu_kernels.last_error() if cpu_kernels.available() else ""
+            if why:
+                raise RuntimeError(f"{e}\n{why}") from e
+            raise
+        return pytree.tree_unflatten(outputs, self._out_spec)
 
 
 def _check_isa(path: Path) -> None:
@@ -67,15 +74,16 @@ def load(path: Path, constants: dict[str, torch.Tensor]) -> CompiledGraph:
     """Load the package and bind its constants (shared with the caller, not copied). Uses the C++
     loader directly: `torch._inductor.aoti_load_package` imports the whole compiler (seconds)."""
     _check_isa(path)
-    if gemv_linear.available():  # loads the kernel library the graph's gemv_linear calls resolve to
-        gemv_linear.set_num_threads(torch.get_num_threads())
+    if cpu_kernels.available():  # loads the kernel library the graph's shim calls resolve to
+        cpu_kernels.set_num_threads(torch.get_num_threads())
     try:
         loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
     except RuntimeError as e:
-        if gemv_linear.SHIM in str(e):
-            raise RuntimeError(f"{path}: the graph calls graphgen's CPU kernel {gemv_linear.SHIM}, which could not "
-                               "be built or loaded here (see the warning above); install a C++ compiler (g++) or "
-                               "rebuild the artifact on this machine") from e
+        shim = next((symbol for symbol, _ in cpu_kernels.SHIMS.values() if symbol in str(e)), None)
+        if shim:
+            raise RuntimeError(f"{path}: the graph calls graphgen's CPU kernel {shim}, which could not be built or "
+                               "loaded here (see the warning above); install a C++ compiler (g++) or rebuild the "
+                               "artifact on this machine") from e
         raise
     expected = set(loader.get_constant_fqns())
     missing = sorted(expected - constants.keys())

@@ -6,30 +6,35 @@ small-model decode. A backend that compiles for cpu/cuda may first replace the c
 these decompositions so the whole step is compiled code:
 
 - `npu_incre_flash_attention.tensor_lengths` over a paged float cache with only the KV lengths
-  deciding visibility (the decode graph's call): gather every block of the block table, mask
-  positions >= seq_len, softmax, weighted sum. Same math as `_core.attend`.
+  deciding visibility (the decode graph's call): `graphgen::paged_decode_attention`
+  (ops/paged_decode.py) over (NB, bs, Nkv, D) views of the pools. On the CPU, for fp32 and bf16,
+  that is graphgen's kernel, which reads only the visible positions; elsewhere its ATen form
+  (gather every block of the table, mask positions >= seq_len, softmax, weighted sum), inlined.
+  Same math as `_core.attend`.
 - `npu_prompt_flash_attention.tensor_lengths` on packed TND tokens with sparse_mode 3/4 and one
   lengths tensor for queries and keys (the prefill graph's call): causal (and banded) attention
   within each packed sequence, through `scaled_dot_product_attention` with a boolean mask.
 
-- `aten.linear` in fp32 on CPU: `graphgen::gemv_linear` (ops/gemv_linear.py), whose C shim the
-  compiled graph calls directly: an AVX2 GEMV for decode's 1-4 rows, oneDNN's inner product for
-  more. ATen's fp32 linear is MKL, which on this project's AVX2 AMD machines runs a batch-1 GEMV
-  on one thread (docs/performance.md). Where the kernel cannot be built, oneDNN's inner product
-  (`mkldnn._linear_pointwise`). bf16 keeps ATen's linear (oneDNN), faster here than the kernel's
-  bf16 path; `mkldnn._linear_pointwise` refuses plain bf16 weights without AVX512-BF16.
+- `aten.linear` in fp32 or bf16 on CPU: `graphgen::gemv_linear` (ops/gemv_linear.py), whose C
+  shim the compiled graph calls directly: an AVX2 GEMV for decode's 1-4 rows, oneDNN's inner
+  product (fp32) or ATen's mm (bf16) for more. ATen's fp32 linear is MKL, which on this project's
+  AVX2 AMD machines runs a batch-1 GEMV on one thread; its bf16 GEMV streams ~12 GB/s against the
+  kernel's ~19 (docs/performance.md). Where the kernels cannot be built: fp32 takes oneDNN's
+  inner product (`mkldnn._linear_pointwise`), bf16 keeps ATen's linear (oneDNN refuses plain bf16
+  weights without AVX512-BF16).
 
 Anything else (masks, pse, quantization, padding, other modes) returns NotImplemented and stays a
 call of the reference kernel (or ATen's own decomposition). Static checks already ran in the fake
 kernels when the graph was exported; indexing the pools through the block table is bounds-checked
-by the compiled code.
+by the compiled code and by the kernel.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from . import gemv_linear
+from . import cpu_kernels
+from . import paged_decode as paged_decode_op
 from ._checks import known_true
 from ._core import compute_dtype
 
@@ -57,28 +62,14 @@ def paged_decode(query, key_cache, value_cache, block_table, seq_lens, *, num_he
     else:
         d = query.shape[-1]
         q = query[:, :, 0]
-    ct = compute_dtype(query)
-    table = block_table.to(torch.int64)
-    m = table.shape[1]
-    lens = seq_lens.to(torch.int64)
-    # Entries past a row's last block may hold anything: read block 0 there (masked anyway).
-    needed = torch.arange(m, device=table.device).view(1, m) < ((lens + block_size - 1) // block_size).view(b, 1)
-    table = torch.where(needed, table, torch.zeros_like(table))
-
-    def gather(cache):
-        blocks = cache[table]  # (B, M, bs, Nkv*D) or (B, M, Nkv, bs, D)
-        if cache.dim() == 3:
-            return blocks.reshape(b, m * block_size, num_kv_heads, d).permute(0, 2, 3, 1)  # (B, Nkv, D, S)
-        return blocks.permute(0, 2, 4, 1, 3).reshape(b, num_kv_heads, d, m * block_size)
-
-    k_t = gather(key_cache).to(ct)
-    v = gather(value_cache).to(ct).transpose(-1, -2)  # (B, Nkv, S, D)
-    qg = q.to(ct).reshape(b, num_kv_heads, num_heads // num_kv_heads, d)
-    logits = torch.matmul(qg, k_t) * scale  # (B, Nkv, G, S)
-    visible = torch.arange(m * block_size, device=query.device).view(1, 1, 1, -1) < lens.view(b, 1, 1, 1)
-    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
-    probs = torch.where(lens.view(b, 1, 1, 1) > 0, probs, torch.zeros_like(probs))
-    out = torch.matmul(probs, v).to(query.dtype)  # (B, Nkv, G, D)
+    if key_cache.dim() == 3:  # (NB, bs, Nkv*D) -> (NB, bs, Nkv, D), a view
+        caches = [c.view(c.shape[0], block_size, num_kv_heads, d) for c in (key_cache, value_cache)]
+    else:  # (NB, Nkv, bs, D) -> (NB, bs, Nkv, D), a strided view
+        caches = [c.transpose(1, 2) for c in (key_cache, value_cache)]
+    if paged_decode_op.kernel_runs(q):
+        out = torch.ops.graphgen.paged_decode_attention(q, *caches, block_table, seq_lens, scale)
+    else:
+        out = paged_decode_op.aten_paged_decode(q, *caches, block_table, seq_lens, scale)
     if layout == "BSH":
         return out.reshape(b, 1, num_heads * d)
     if layout == "BSND":
@@ -148,9 +139,7 @@ def _linear(x, weight, bias=None):
     if x.device.type != "cpu" or weight.device.type != "cpu" or weight.dim() != 2 or x.dtype != weight.dtype \
             or (bias is not None and bias.dtype != x.dtype):
         return NotImplemented
-    # bf16 stays ATen's (oneDNN): on this project's AVX2 machines it streams bf16 weights faster
-    # (~10-11 GB/s) than the kernel's widening bf16 path (~8-9 GB/s) does so far.
-    if x.dtype == torch.float32 and gemv_linear.available():
+    if x.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.available():
         y = torch.ops.graphgen.gemv_linear(x, weight)
         return y if bias is None else y + bias
     if x.dtype == torch.float32 and onednn_linear_available():

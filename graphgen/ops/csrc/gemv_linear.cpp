@@ -7,54 +7,22 @@
 // thread reads its own contiguous band of weight rows once, R rows at a time, for all M rows of x
 // (docs/performance.md has the measurements). Other shapes (M > 4, strided operands) go to
 // oneDNN's inner product through its own shim, so the op is correct for every input.
-#include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/inductor/aoti_torch/c/shim_cpu.h>
 #include <torch/csrc/inductor/aoti_torch/generated/c_shim_cpu.h>
 
-#include <immintrin.h>
-#include <omp.h>
-
-#include <atomic>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
+#include "kernels.h"
+
+using namespace graphgen;
+
 namespace {
 
-std::atomic<int> g_threads{0};  // 0: OpenMP's default
-
-inline float hsum(__m256 v) {
-  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
-}
-
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) {  // 8 bf16 -> fp32: the bf16 bits are the fp32's high half
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
-inline float to_float(float v) { return v; }
-inline float to_float(uint16_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-inline void store(float* y, float v) { *y = v; }
-inline void store(uint16_t* y, float v) {  // round to nearest even, as torch's fp32 -> bf16 does
-  uint32_t bits;
-  std::memcpy(&bits, &v, 4);
-  *y = std::isnan(v) ? uint16_t{0x7fc0} : static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
-
 // y[m, n0 + r] = sum_k x[m, k] * w[n0 + r, k] for m < M, r < R, accumulated in fp32: the R weight
-// rows are read once for all M rows of x (x is fp32 here; bf16 x was widened once per call).
-template <typename T, int M, int R>
-inline void block(const float* x, const T* w, T* y, int64_t n0, int64_t N, int64_t K) {
+// rows are read once for all M rows of x.
+template <int M, int R>
+inline void block(const float* x, const float* w, float* y, int64_t n0, int64_t N, int64_t K) {
   __m256 acc[M][R];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
@@ -62,14 +30,51 @@ inline void block(const float* x, const T* w, T* y, int64_t n0, int64_t N, int64
   for (; k + 8 <= K; k += 8) {
     if constexpr (M == 1) {  // each row's load feeds its FMA directly: 8 accumulators, no spills
       const __m256 xv = _mm256_loadu_ps(x + k);
-      for (int r = 0; r < R; ++r) acc[0][r] = _mm256_fmadd_ps(load8(w + (n0 + r) * K + k), xv, acc[0][r]);
+      for (int r = 0; r < R; ++r) acc[0][r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + (n0 + r) * K + k), xv, acc[0][r]);
     } else {
       __m256 wv[R];
-      for (int r = 0; r < R; ++r) wv[r] = load8(w + (n0 + r) * K + k);
+      for (int r = 0; r < R; ++r) wv[r] = _mm256_loadu_ps(w + (n0 + r) * K + k);
       for (int m = 0; m < M; ++m) {
         const __m256 xv = _mm256_loadu_ps(x + m * K + k);
         for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(wv[r], xv, acc[m][r]);
       }
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) {
+      float s = hsum(acc[m][r]);
+      for (int64_t kk = k; kk < K; ++kk) s += x[m * K + kk] * w[(n0 + r) * K + kk];
+      y[m * N + n0 + r] = s;
+    }
+}
+
+// The bf16 form of `block`. One 32-byte load holds 16 weights; as 8 32-bit lanes, a lane's high
+// half is an odd-indexed weight and its low half the even one before it, so a mask and a shift
+// give both as fp32 with no shuffle. x was permuted to match (`permute16`): per 16 columns, the 8
+// even ones, then the 8 odd ones. A bf16 row is short (1.5 KB at K = 768), too short for the
+// hardware prefetcher to ramp up on, so the block also prefetches the R rows after it (the
+// thread's next block: contiguous memory), a slice per step, before it needs them.
+template <int M, int R>
+inline void block_bf16(const float* x, const uint16_t* w, uint16_t* y, int64_t n0, int64_t N, int64_t K) {
+  const __m256i odd = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m256 acc[M][R];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  const char* next = reinterpret_cast<const char*>(w + (n0 + R) * K);
+  const int64_t ahead = n0 + 2 * R <= N ? R * K * 2 : 0;  // bytes of the next block (none past the end)
+  int64_t fetched = 0;
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    for (const int64_t due = (k + 16) * ahead / K; fetched < due; fetched += 64) _mm_prefetch(next + fetched, _MM_HINT_T0);
+    __m256 we[R], wo[R];
+    for (int r = 0; r < R; ++r) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n0 + r) * K + k));
+      we[r] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+      wo[r] = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
+    }
+    for (int m = 0; m < M; ++m) {
+      const __m256 xe = _mm256_loadu_ps(x + m * K + k), xo = _mm256_loadu_ps(x + m * K + k + 8);
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(wo[r], xo, _mm256_fmadd_ps(we[r], xe, acc[m][r]));
     }
   }
   for (int m = 0; m < M; ++m)
@@ -80,27 +85,52 @@ inline void block(const float* x, const T* w, T* y, int64_t n0, int64_t N, int64
     }
 }
 
+// x (rows, K) bf16 -> fp32 in the column order block_bf16 reads: per full 16 columns the even
+// ones, then the odd ones; the last K % 16 as they are.
+void permute16(const uint16_t* x, float* out, int64_t rows, int64_t K) {
+  for (int64_t m = 0; m < rows; ++m) {
+    const uint16_t* xr = x + m * K;
+    float* o = out + m * K;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16)
+      for (int i = 0; i < 8; ++i) {
+        o[k + i] = to_float(xr[k + 2 * i]);
+        o[k + 8 + i] = to_float(xr[k + 2 * i + 1]);
+      }
+    for (; k < K; ++k) o[k] = to_float(xr[k]);
+  }
+}
+
 template <typename T, int M>
 void gemv(const float* x, const T* w, T* y, int64_t N, int64_t K) {
   constexpr int R = M == 1 ? 8 : (M == 2 ? 4 : 2);  // accumulators + loads fit the 16 ymm registers
   const int64_t full = N / R * R;
-  const int threads = g_threads.load(std::memory_order_relaxed);
-#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : omp_get_max_threads())
-  for (int64_t n = 0; n < full; n += R) block<T, M, R>(x, w, y, n, N, K);
-  for (int64_t n = full; n < N; ++n) block<T, M, 1>(x, w, y, n, N, K);
+#pragma omp parallel for schedule(static) num_threads(threads())
+  for (int64_t n = 0; n < full; n += R) {
+    if constexpr (std::is_same_v<T, float>)
+      block<M, R>(x, w, y, n, N, K);
+    else
+      block_bf16<M, R>(x, w, y, n, N, K);
+  }
+  for (int64_t n = full; n < N; ++n) {
+    if constexpr (std::is_same_v<T, float>)
+      block<M, 1>(x, w, y, n, N, K);
+    else
+      block_bf16<M, 1>(x, w, y, n, N, K);
+  }
 }
 
 template <typename T>
 void run(const void* xp, const void* wp, void* yp, int64_t rows, int64_t N, int64_t K) {
   const T* x = static_cast<const T*>(xp);
-  std::vector<float> widened;
+  std::vector<float> permuted;
   const float* xf;
   if constexpr (std::is_same_v<T, float>) {
     xf = x;
   } else {
-    widened.resize(rows * K);
-    for (int64_t i = 0; i < rows * K; ++i) widened[i] = to_float(x[i]);
-    xf = widened.data();
+    permuted.resize(rows * K);
+    permute16(x, permuted.data(), rows, K);
+    xf = permuted.data();
   }
   const T* w = static_cast<const T*>(wp);
   T* y = static_cast<T*>(yp);
@@ -110,23 +140,6 @@ void run(const void* xp, const void* wp, void* yp, int64_t rows, int64_t N, int6
     case 3: gemv<T, 3>(xf, w, y, N, K); break;
     default: gemv<T, 4>(xf, w, y, N, K); break;
   }
-}
-
-// The row-major strides of `sizes` into `strides`.
-void contiguous_strides(int64_t dim, const int64_t* sizes, int64_t* strides) {
-  for (int64_t i = dim - 1, s = 1; i >= 0; --i) {
-    strides[i] = s;
-    s *= sizes[i];
-  }
-}
-
-bool contiguous(int64_t dim, const int64_t* sizes, const int64_t* strides) {
-  int64_t expected = 1;
-  for (int64_t i = dim - 1; i >= 0; --i) {
-    if (sizes[i] != 1 && strides[i] != expected) return false;
-    expected *= sizes[i];
-  }
-  return true;
 }
 
 // bf16 beyond the GEMV path (more rows, strided operands): ATen's mm (oneDNN for bf16) on
@@ -176,9 +189,12 @@ AOTITorchError bf16_mm(AtenTensorHandle x, int64_t xdim, const int64_t* xs, cons
 
 extern "C" {
 
-void graphgen_gemv_set_num_threads(int threads) { g_threads.store(threads, std::memory_order_relaxed); }
+void graphgen_set_num_threads(int threads) { g_threads.store(threads, std::memory_order_relaxed); }
+
+const char* graphgen_last_error() { return g_last_error.c_str(); }
 
 AOTITorchError aoti_torch_cpu_gemv_linear(AtenTensorHandle x, AtenTensorHandle weight, AtenTensorHandle* ret0) {
+  g_last_error.clear();
   int64_t xdim = 0, wdim = 0;
   int64_t *xs = nullptr, *xst = nullptr, *ws = nullptr, *wst = nullptr;
   int32_t xdtype = 0, wdtype = 0;
@@ -190,7 +206,8 @@ AOTITorchError aoti_torch_cpu_gemv_linear(AtenTensorHandle x, AtenTensorHandle w
     return err;
   const bool f32 = xdtype == aoti_torch_dtype_float32() && wdtype == aoti_torch_dtype_float32();
   const bool bf16 = xdtype == aoti_torch_dtype_bfloat16() && wdtype == aoti_torch_dtype_bfloat16();
-  if (xdim < 1 || xdim > 8 || wdim != 2 || xs[xdim - 1] != ws[1] || !(f32 || bf16)) return AOTI_TORCH_FAILURE;
+  if (xdim < 1 || xdim > 8 || wdim != 2 || xs[xdim - 1] != ws[1] || !(f32 || bf16))
+    return fail("gemv_linear: x (..., K) with 1-8 dims and weight (N, K), both float32 or both bfloat16, expected");
   int64_t rows = 1;
   for (int64_t i = 0; i + 1 < xdim; ++i) rows *= xs[i];
   const int64_t N = ws[0], K = ws[1];

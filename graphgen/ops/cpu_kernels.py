@@ -1,0 +1,155 @@
+"""graphgen's CPU kernels (csrc/*.cpp): built once per machine and torch version into one library in
+graphgen's cache, loaded globally so compiled graphs resolve their C shims, and callable from Python.
+
+Each kernel is an AOTInductor C shim (`aoti_torch_cpu_<op>`), exposed twice:
+
+- to AOTInductor through `inductor_configs()` (`aot_inductor.custom_ops_to_c_shims`), so compiled
+  graphs call it directly, with no Python or dispatcher in between;
+- to Python through `call()` (ctypes and AOTI tensor handles), so the ops' eager kernels and the
+  tests run the very same code.
+
+`available()` is False where the CPU lacks AVX2 or no C++ compiler can build the library (with one
+warning saying why); the ops' callers then keep ATen.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = ("gemv_linear.cpp", "paged_decode.cpp")
+HEADERS = ("kernels.h",)
+LIBRARY = "libgraphgen_cpu.so"
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+# op -> (shim symbol, C declaration), as AOTInductor's codegen calls it: tensors as handles,
+# floats as double, the output through the last pointer.
+SHIMS: dict[str, tuple[str, str]] = {
+    "gemv_linear": ("aoti_torch_cpu_gemv_linear",
+                    "AOTITorchError aoti_torch_cpu_gemv_linear(AtenTensorHandle x, AtenTensorHandle weight, "
+                    "AtenTensorHandle* ret0)"),
+    "paged_decode_attention": ("aoti_torch_cpu_paged_decode_attention",
+                               "AOTITorchError aoti_torch_cpu_paged_decode_attention(AtenTensorHandle query, "
+                               "AtenTensorHandle key_cache, AtenTensorHandle value_cache, "
+                               "AtenTensorHandle block_table, AtenTensorHandle seq_lens, double scale, "
+                               "AtenTensorHandle* ret0)"),
+}
+
+
+def available() -> bool:
+    """Whether the kernels are built and loaded here (built on first call; False, with one warning
+    saying why, where they cannot be)."""
+    return _library() is not None
+
+
+def set_num_threads(threads: int) -> None:
+    """The kernels' OpenMP threads (graphgen's runtime passes torch's thread count)."""
+    lib = _library()
+    if lib is not None:
+        lib.graphgen_set_num_threads(int(threads))
+
+
+def inductor_configs() -> dict:
+    """What AOTInductor needs to call the ops as C shims: their declarations (the compiled graph
+    resolves the symbols from the loaded library at load time)."""
+    ops = {getattr(torch.ops.graphgen, name).default: [decl] for name, (_, decl) in SHIMS.items()}
+    return {"aot_inductor.custom_ops_to_c_shims": ops}
+
+
+def last_error() -> str:
+    """Why this thread's last failing kernel call failed ('' if none did)."""
+    lib = _library()
+    return lib.graphgen_last_error().decode() if lib is not None else ""
+
+
+def cache_dir() -> Path:
+    """Where built kernels live: $GRAPHGEN_CACHE_DIR, else $XDG_CACHE_HOME/graphgen, else ~/.cache/graphgen."""
+    if os.environ.get("GRAPHGEN_CACHE_DIR"):
+        return Path(os.environ["GRAPHGEN_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "graphgen"
+
+
+def call(op: str, tensors: list[torch.Tensor], *scalars: float) -> torch.Tensor:
+    """Run op's shim on eager tensors through AOTI tensor handles, as a compiled graph would;
+    scalars follow the tensors (as doubles). Raises RuntimeError with the kernel's reason."""
+    symbol = SHIMS[op][0]
+    handles = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(tensors)
+    out = ctypes.c_void_p()
+    try:
+        err = getattr(_library(), symbol)(*(ctypes.c_void_p(_capsule_pointer(h, None)) for h in handles),
+                                          *(ctypes.c_double(s) for s in scalars), ctypes.byref(out))
+    finally:
+        torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs(handles)  # frees the input handles
+    if err != 0 or not out.value:
+        shapes = ", ".join(str(tuple(t.shape)) for t in tensors)
+        raise RuntimeError(f"{last_error() or op + ': the kernel failed'} (inputs {shapes})")
+    return torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs([_capsule_new(out.value, None, None)])[0]
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    why = _unsupported()
+    if why is None:
+        try:
+            lib = ctypes.CDLL(str(_build()), mode=ctypes.RTLD_GLOBAL)  # global: compiled graphs resolve the shims
+        except (OSError, subprocess.CalledProcessError) as e:
+            detail = getattr(e, "stderr", None) or str(e)
+            why = f"building or loading the kernels failed: {str(detail).strip()[-2000:]}"
+    if why is not None:
+        warnings.warn(f"graphgen's CPU kernels: {why}; fp32 linears and paged decode attention keep ATen",
+                      stacklevel=3)
+        return None
+    lib.graphgen_set_num_threads.argtypes = [ctypes.c_int]
+    lib.graphgen_set_num_threads(torch.get_num_threads())
+    lib.graphgen_last_error.restype = ctypes.c_char_p
+    for symbol, _ in SHIMS.values():
+        getattr(lib, symbol).restype = ctypes.c_int32
+    return lib
+
+
+def _unsupported() -> str | None:
+    if not sys.platform.startswith("linux"):
+        return f"built on Linux only (this is {sys.platform})"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        return f"needs AVX2 (this CPU: {capability})"
+    if _compiler() is None:
+        return "no C++ compiler (set CXX or install g++)"
+    return None
+
+
+def _build() -> Path:
+    torch_dir = Path(torch.__file__).parent
+    cxx = _compiler()
+    texts = [(CSRC / name).read_text() for name in (*SOURCES, *HEADERS)]
+    key = hashlib.sha256("\0".join([*texts, torch.__version__, str(torch_dir), cxx, *FLAGS]).encode()).hexdigest()[:16]
+    out = cache_dir() / "kernels" / key / LIBRARY
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lib_dir = torch_dir / "lib"
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        built = Path(tmp) / out.name
+        subprocess.run([cxx, *FLAGS, f"-I{torch_dir / 'include'}", *(str(CSRC / s) for s in SOURCES), "-o", str(built),
+                        f"-L{lib_dir}", "-ltorch_cpu", f"-Wl,-rpath,{lib_dir}"], check=True, capture_output=True, text=True)
+        os.replace(built, out)  # atomic: concurrent builders each rename a complete file
+    return out
+
+
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype, _capsule_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+_capsule_new = ctypes.pythonapi.PyCapsule_New
+_capsule_new.restype, _capsule_new.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]

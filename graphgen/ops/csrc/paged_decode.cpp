@@ -1,0 +1,239 @@
+// graphgen::paged_decode_attention (graphgen/ops/paged_decode.py): one decode token per sequence
+// attending over its paged KV cache, on the CPU, as an AOTInductor C shim
+// (aoti_torch_cpu_paged_decode_attention) that compiled decode graphs call directly.
+//
+// Compiled from ATen, the same step gathered every block of the table (visible or not) into a
+// transposed copy and ran the gather and softmax parallel over the batch only, one thread at
+// batch 1. Here each (sequence, KV head) task reads only its visible positions straight from
+// the pool, scores its group of query heads against each key row once, and tasks spread over
+// the threads. Scores, softmax and the weighted sum are fp32 for fp32 and bf16 alike.
+#include <algorithm>
+#include <vector>
+
+#include "kernels.h"
+
+using namespace graphgen;
+
+namespace {
+
+// exp of 8 lanes: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2 (Cephes' expf polynomial), within
+// ~2 ulp of expf; inputs below -87.3 (exp under FLT_MIN) give FLT_MIN-sized values, not 0.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 in two parts: r exact
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+
+// src[i * stride] for i < D as fp32 into dst.
+template <typename T>
+inline void widen(const T* src, int64_t stride, int64_t D, float* dst) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (stride == 1) {
+      std::memcpy(dst, src, D * sizeof(float));
+      return;
+    }
+  } else {
+    if (stride == 1) {
+      int64_t i = 0;
+      for (; i + 8 <= D; i += 8) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+        _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)));
+      }
+      for (; i < D; ++i) dst[i] = to_float(src[i]);
+      return;
+    }
+  }
+  for (int64_t i = 0; i < D; ++i) dst[i] = to_float(src[i * stride]);
+}
+
+inline float dot(const float* a, const float* b, int64_t D) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum(acc);
+  for (; i < D; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy(float alpha, const float* x, float* y, int64_t D) {  // y += alpha * x
+  const __m256 a = _mm256_set1_ps(alpha);
+  int64_t i = 0;
+  for (; i + 8 <= D; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < D; ++i) y[i] += alpha * x[i];
+}
+
+// Sizes and strides (elements) of the five inputs, as the shim read them.
+struct Shapes {
+  int64_t B, N, D, NB, bs, Nkv, M;
+  const int64_t *qst, *kst, *vst, *tst, *lst;
+};
+
+template <typename T>
+AOTITorchError attend(const T* q, const T* kc, const T* vc, const int64_t* table, const int64_t* lens, T* out,
+                      const Shapes& s, float scale) {
+  const int64_t G = s.N / s.Nkv, D = s.D, tasks = s.B * s.Nkv;
+  std::atomic<int64_t> bad_block{-1}, bad_len{-1};
+#pragma omp parallel num_threads(std::min<int64_t>(threads(), tasks))
+  {
+    std::vector<float> qf(G * D), acc(G * D), row(D), scores;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t b = task / s.Nkv, h = task % s.Nkv, len = lens[b * s.lst[0]];
+      T* o = out + (b * s.N + h * G) * D;
+      if (len <= 0 || len > s.M * s.bs) {
+        if (len > s.M * s.bs) bad_len = b;
+        for (int64_t i = 0; i < G * D; ++i) store(o + i, 0.0f);
+        continue;
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        widen(q + b * s.qst[0] + (h * G + g) * s.qst[1], s.qst[2], D, qf.data() + g * D);
+        for (int64_t i = 0; i < D; ++i) qf[g * D + i] *= scale;
+      }
+      scores.resize(G * len);
+      const int64_t* blocks = table + b * s.tst[0];
+      bool ok = true;
+      for (int64_t t = 0; t < len && ok; ++t) {  // scores[g, t] = q_g . k_t
+        const int64_t blk = blocks[(t / s.bs) * s.tst[1]];
+        if (blk < 0 || blk >= s.NB) {
+          bad_block = blk;
+          ok = false;
+          break;
+        }
+        widen(kc + blk * s.kst[0] + (t % s.bs) * s.kst[1] + h * s.kst[2], s.kst[3], D, row.data());
+        for (int64_t g = 0; g < G; ++g) scores[g * len + t] = dot(qf.data() + g * D, row.data(), D);
+      }
+      if (!ok) continue;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::vector<float> total(G);
+      for (int64_t g = 0; g < G; ++g) {  // softmax numerators in place, and their sum
+        float* sg = scores.data() + g * len;
+        const float top = *std::max_element(sg, sg + len);
+        const __m256 vtop = _mm256_set1_ps(top);
+        __m256 vsum = _mm256_setzero_ps();
+        int64_t t = 0;
+        for (; t + 8 <= len; t += 8) {
+          const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + t), vtop));
+          _mm256_storeu_ps(sg + t, e);
+          vsum = _mm256_add_ps(vsum, e);
+        }
+        float sum = hsum(vsum);
+        for (; t < len; ++t) sum += (sg[t] = std::exp(sg[t] - top));
+        total[g] = sum;
+      }
+      for (int64_t t = 0; t < len; ++t) {  // acc[g] += p[g, t] * v_t
+        const int64_t blk = blocks[(t / s.bs) * s.tst[1]];
+        widen(vc + blk * s.vst[0] + (t % s.bs) * s.vst[1] + h * s.vst[2], s.vst[3], D, row.data());
+        for (int64_t g = 0; g < G; ++g) axpy(scores[g * len + t], row.data(), acc.data() + g * D, D);
+      }
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t i = 0; i < D; ++i) store(o + g * D + i, acc[g * D + i] / total[g]);
+    }
+  }
+  if (bad_block.load() != -1 || bad_len.load() != -1) {
+    if (bad_len.load() != -1)
+      return fail("paged_decode_attention: sequence %lld's length exceeds its block table (%lld blocks of %lld)",
+                  static_cast<long long>(bad_len.load()), static_cast<long long>(s.M), static_cast<long long>(s.bs));
+    return fail("paged_decode_attention: block table entry %lld is outside the cache's %lld blocks",
+                static_cast<long long>(bad_block.load()), static_cast<long long>(s.NB));
+  }
+  return AOTI_TORCH_SUCCESS;
+}
+
+// An int32 or int64 tensor's elements as int64 (tables and lengths are small).
+AOTITorchError read_ints(AtenTensorHandle t, int64_t numel, const int64_t* sizes, const int64_t* strides, int64_t dim,
+                         std::vector<int64_t>& out, const char* name) {
+  int32_t dtype = 0;
+  void* data = nullptr;
+  AOTITorchError err = AOTI_TORCH_SUCCESS;
+  if ((err = aoti_torch_get_dtype(t, &dtype)) || (err = aoti_torch_get_data_ptr(t, &data))) return err;
+  const bool i32 = dtype == aoti_torch_dtype_int32();
+  if (!i32 && dtype != aoti_torch_dtype_int64()) return fail("paged_decode_attention: %s must be int32 or int64", name);
+  out.resize(numel);
+  for (int64_t i = 0; i < numel; ++i) {  // element i of the row-major order, through the strides
+    int64_t offset = 0, rest = i;
+    for (int64_t d = dim - 1; d >= 0; --d) {
+      offset += (rest % sizes[d]) * strides[d];
+      rest /= sizes[d];
+    }
+    out[i] = i32 ? static_cast<const int32_t*>(data)[offset] : static_cast<const int64_t*>(data)[offset];
+  }
+  return AOTI_TORCH_SUCCESS;
+}
+
+}  // namespace
+
+extern "C" {
+
+// query (B, N, D); key_cache, value_cache (NB, block_size, Nkv, D), any strides; block_table
+// (B, M) and seq_lens (B,) int32 or int64 -> (B, N, D) contiguous, query's dtype. Query head n
+// reads KV head n / (N / Nkv); sequence b sees positions < seq_lens[b]; a row with length 0 is 0.
+AOTITorchError aoti_torch_cpu_paged_decode_attention(AtenTensorHandle query, AtenTensorHandle key_cache,
+                                                     AtenTensorHandle value_cache, AtenTensorHandle block_table,
+                                                     AtenTensorHandle seq_lens, double scale, AtenTensorHandle* ret0) {
+  g_last_error.clear();
+  AtenTensorHandle handles[5] = {query, key_cache, value_cache, block_table, seq_lens};
+  const int64_t want_dim[5] = {3, 4, 4, 2, 1};
+  int64_t *sizes[5], *strides[5];
+  int32_t dtypes[3];
+  AOTITorchError err = AOTI_TORCH_SUCCESS;
+  for (int i = 0; i < 5; ++i) {
+    int64_t dim = 0;
+    if ((err = aoti_torch_get_dim(handles[i], &dim)) || (err = aoti_torch_get_sizes(handles[i], &sizes[i])) ||
+        (err = aoti_torch_get_strides(handles[i], &strides[i])) || (i < 3 && (err = aoti_torch_get_dtype(handles[i], &dtypes[i]))))
+      return err;
+    if (dim != want_dim[i])
+      return fail("paged_decode_attention: query (B, N, D), caches (NB, block_size, Nkv, D), block_table (B, M), "
+                  "seq_lens (B,) expected; argument %d has %lld dims", i, static_cast<long long>(dim));
+  }
+  const int64_t *qs = sizes[0], *ks = sizes[1];
+  Shapes s{qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], sizes[3][1], strides[0], strides[1], strides[2], strides[3], strides[4]};
+  const bool f32 = dtypes[0] == aoti_torch_dtype_float32(), bf16 = dtypes[0] == aoti_torch_dtype_bfloat16();
+  if (!(f32 || bf16) || dtypes[1] != dtypes[0] || dtypes[2] != dtypes[0])
+    return fail("paged_decode_attention: query and caches must all be float32 or all bfloat16");
+  for (int d = 0; d < 4; ++d)
+    if (sizes[2][d] != ks[d]) return fail("paged_decode_attention: key_cache and value_cache shapes differ");
+  if (ks[3] != s.D || s.Nkv < 1 || s.N % s.Nkv != 0 || sizes[3][0] != s.B || sizes[4][0] != s.B)
+    return fail("paged_decode_attention: query (%lld, %lld, %lld) does not fit caches (.., .., %lld, %lld), "
+                "block_table (%lld, ..), seq_lens (%lld,)", static_cast<long long>(s.B), static_cast<long long>(s.N),
+                static_cast<long long>(s.D), static_cast<long long>(s.Nkv), static_cast<long long>(ks[3]),
+                static_cast<long long>(sizes[3][0]), static_cast<long long>(sizes[4][0]));
+  std::vector<int64_t> table, lens;
+  if ((err = read_ints(block_table, s.B * s.M, sizes[3], strides[3], 2, table, "block_table")) ||
+      (err = read_ints(seq_lens, s.B, sizes[4], strides[4], 1, lens, "seq_lens")))
+    return err;
+  const int64_t contiguous_table[2] = {s.M, 1}, contiguous_lens[1] = {1};
+  s.tst = contiguous_table;
+  s.lst = contiguous_lens;
+  int64_t out_strides[3];
+  contiguous_strides(3, qs, out_strides);
+  if ((err = aoti_torch_empty_strided(3, qs, out_strides, dtypes[0], aoti_torch_device_type_cpu(), 0, ret0))) return err;
+  void *q = nullptr, *k = nullptr, *v = nullptr, *o = nullptr;
+  if ((err = aoti_torch_get_data_ptr(query, &q)) || (err = aoti_torch_get_data_ptr(key_cache, &k)) ||
+      (err = aoti_torch_get_data_ptr(value_cache, &v)) || (err = aoti_torch_get_data_ptr(*ret0, &o)))
+    return err;
+  const float sc = static_cast<float>(scale);
+  if (f32)
+    err = attend(static_cast<const float*>(q), static_cast<const float*>(k), static_cast<const float*>(v), table.data(),
+                 lens.data(), static_cast<float*>(o), s, sc);
+  else
+    err = attend(static_cast<const uint16_t*>(q), static_cast<const uint16_t*>(k), static_cast<const uint16_t*>(v),
+                 table.data(), lens.data(), static_cast<uint16_t*>(o), s, sc);
+  if (err) {  // the output handle is ours to free on failure
+    aoti_torch_delete_tensor_object(*ret0);
+    *ret0 = nullptr;
+  }
+  return err;
+}
+
+}  // extern "C"
