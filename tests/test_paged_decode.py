@@ -110,3 +110,15 @@ def test_fake_kernel_gives_the_output_shape():
         out = op(torch.empty(3, 8, 16), torch.empty(10, 4, 2, 16), torch.empty(10, 4, 2, 16),
                  torch.empty(3, 5, dtype=torch.int32), torch.empty(3, dtype=torch.int64), 0.25)
     assert out.shape == (3, 8, 16)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_caches_strided_along_head_dim(dtype):
+    """A cache whose head dim is not contiguous (widened row by row inside the kernel)."""
+    q, caches, table, lens_t, expected = _case(2, 6, 3, 24, 8, [29, 8], dtype, False, seed=5)
+    strided = [c.transpose(2, 3).contiguous().transpose(2, 3) for c in caches]  # (NB, bs, Nkv, D), D stride Nkv
+    assert strided[0].stride(3) == 3
+    out = op(q, *strided, table, lens_t, 24 ** -0.5)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out.double(), expected, **tol)

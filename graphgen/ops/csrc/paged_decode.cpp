@@ -35,42 +35,119 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
 }
 
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {  // 8 bf16 -> fp32: the bf16 bits are the fp32's high half
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
 // src[i * stride] for i < D as fp32 into dst.
 template <typename T>
 inline void widen(const T* src, int64_t stride, int64_t D, float* dst) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (stride == 1) {
-      std::memcpy(dst, src, D * sizeof(float));
-      return;
-    }
-  } else {
-    if (stride == 1) {
-      int64_t i = 0;
-      for (; i + 8 <= D; i += 8) {
-        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-        _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)));
-      }
-      for (; i < D; ++i) dst[i] = to_float(src[i]);
-      return;
-    }
-  }
-  for (int64_t i = 0; i < D; ++i) dst[i] = to_float(src[i * stride]);
+  int64_t i = 0;
+  if (stride == 1)
+    for (; i + 8 <= D; i += 8) _mm256_storeu_ps(dst + i, load8(src + i));
+  for (; i < D; ++i) dst[i] = to_float(src[i * stride]);
 }
 
-inline float dot(const float* a, const float* b, int64_t D) {
+// q . k for fp32 q and a contiguous row k.
+template <typename T>
+inline float dot(const float* q, const T* k, int64_t D) {
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), acc);
   float s = hsum(acc);
-  for (; i < D; ++i) s += a[i] * b[i];
+  for (; i < D; ++i) s += q[i] * to_float(k[i]);
   return s;
 }
 
-inline void axpy(float alpha, const float* x, float* y, int64_t D) {  // y += alpha * x
-  const __m256 a = _mm256_set1_ps(alpha);
+// acc += p * v for a contiguous row v.
+template <typename T>
+inline void axpy(float p, const T* v, float* acc, int64_t D) {
+  const __m256 a = _mm256_set1_ps(p);
   int64_t i = 0;
-  for (; i + 8 <= D; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < D; ++i) y[i] += alpha * x[i];
+  for (; i + 8 <= D; i += 8) _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(a, load8(v + i), _mm256_loadu_ps(acc + i)));
+  for (; i < D; ++i) acc[i] += p * to_float(v[i]);
+}
+
+// The cache lines of `rows` rows of `bytes` each, `stride` bytes apart: requested now, read soon.
+inline void prefetch_rows(const void* first, int64_t rows, int64_t stride, int64_t bytes) {
+  const char* p = static_cast<const char*>(first);
+  for (int64_t r = 0; r < rows; ++r, p += stride)
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
+// Strided rows (last-dim stride != 1) widened into one fp32 buffer, with pointers to its rows.
+template <typename T>
+void widen_rows(const T* const* rows, int64_t len, int64_t stride, int64_t D, std::vector<float>& buf,
+                std::vector<const float*>& ptrs) {
+  buf.resize(len * D);
+  ptrs.resize(len);
+  for (int64_t t = 0; t < len; ++t) {
+    widen(rows[t], stride, D, buf.data() + t * D);
+    ptrs[t] = buf.data() + t * D;
+  }
+}
+
+// The 8 horizontal sums of a[0..8) as one vector.
+inline __m256 hsum8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+// scores[g * len + t] = q_g . rows[t] for G fp32 query rows q (G, D) and len contiguous key rows.
+// Eight keys at a time, each in its own accumulator (no FMA latency chain), rows a few keys
+// ahead requested early (the pool is cold: the weights streamed through the caches since).
+template <typename T>
+void score(const float* q, const T* const* rows, int64_t len, int64_t G, int64_t D, float* scores) {
+  int64_t t = 0;
+  const int64_t bytes = D * sizeof(T);
+  for (int64_t i = 0; i < std::min<int64_t>(16, len); ++i) prefetch_rows(rows[i], 1, 0, bytes);
+  if (D % 8 == 0)
+    for (; t + 8 <= len; t += 8) {
+      for (int64_t i = t + 16; i < std::min(t + 24, len); ++i) prefetch_rows(rows[i], 1, 0, bytes);
+      for (int64_t g = 0; g < G; ++g) {
+        __m256 a[8];
+        for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) {
+          const __m256 qv = _mm256_loadu_ps(q + g * D + d);
+          for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qv, load8(rows[t + i] + d), a[i]);
+        }
+        _mm256_storeu_ps(scores + g * len + t, hsum8(a));
+      }
+    }
+  for (; t < len; ++t)
+    for (int64_t g = 0; g < G; ++g) scores[g * len + t] = dot(q + g * D, rows[t], D);
+}
+
+// out[g] = sum_t p[g * len + t] * rows[t] for G rows of weights p (G, len): per 64 columns,
+// 8 accumulators in registers over all positions.
+template <typename T>
+void weigh(const float* p, const T* const* rows, int64_t len, int64_t G, int64_t D, float* out) {
+  const int64_t bytes = D * sizeof(T);
+  for (int64_t i = 0; i < std::min<int64_t>(8, len); ++i) prefetch_rows(rows[i], 1, 0, bytes);
+  if (D % 8 != 0) {
+    std::fill(out, out + G * D, 0.0f);
+    for (int64_t t = 0; t < len; ++t)
+      for (int64_t g = 0; g < G; ++g) axpy(p[g * len + t], rows[t], out + g * D, D);
+    return;
+  }
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    const int64_t nv = std::min<int64_t>(8, (D - d0) / 8);
+    for (int64_t g = 0; g < G; ++g) {
+      __m256 a[8];
+      for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
+      for (int64_t t = 0; t < len; ++t) {
+        if (g == 0 && d0 == 0 && t + 8 < len) prefetch_rows(rows[t + 8], 1, 0, bytes);
+        const __m256 pv = _mm256_set1_ps(p[g * len + t]);
+        const T* v = rows[t] + d0;
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i)
+          if (i < nv) a[i] = _mm256_fmadd_ps(pv, load8(v + 8 * i), a[i]);
+      }
+      for (int i = 0; i < nv; ++i) _mm256_storeu_ps(out + g * D + d0 + 8 * i, a[i]);
+    }
+  }
 }
 
 // Sizes and strides (elements) of the five inputs, as the shim read them.
@@ -86,7 +163,9 @@ AOTITorchError attend(const T* q, const T* kc, const T* vc, const int64_t* table
   std::atomic<int64_t> bad_block{-1}, bad_len{-1};
 #pragma omp parallel num_threads(std::min<int64_t>(threads(), tasks))
   {
-    std::vector<float> qf(G * D), acc(G * D), row(D), scores;
+    std::vector<float> qf(G * D), acc(G * D), scores, rows_f;
+    std::vector<const T*> krows, vrows;
+    std::vector<const float*> rows_fp;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t b = task / s.Nkv, h = task % s.Nkv, len = lens[b * s.lst[0]];
@@ -97,24 +176,32 @@ AOTITorchError attend(const T* q, const T* kc, const T* vc, const int64_t* table
         continue;
       }
       for (int64_t g = 0; g < G; ++g) {
-        widen(q + b * s.qst[0] + (h * G + g) * s.qst[1], s.qst[2], D, qf.data() + g * D);
+        widen(q + b * s.qst[0] + (h * G + g) * s.qst[1], s.qst[2], D, qf.data() + g * D);  // fp32, scaled
         for (int64_t i = 0; i < D; ++i) qf[g * D + i] *= scale;
       }
       scores.resize(G * len);
+      // Row pointers per position (contiguous rows: strided ones are widened into `rows_f` first).
+      krows.resize(len);
+      vrows.resize(len);
       const int64_t* blocks = table + b * s.tst[0];
       bool ok = true;
-      for (int64_t t = 0; t < len && ok; ++t) {  // scores[g, t] = q_g . k_t
+      for (int64_t t = 0; t < len; ++t) {
         const int64_t blk = blocks[(t / s.bs) * s.tst[1]];
         if (blk < 0 || blk >= s.NB) {
           bad_block = blk;
           ok = false;
           break;
         }
-        widen(kc + blk * s.kst[0] + (t % s.bs) * s.kst[1] + h * s.kst[2], s.kst[3], D, row.data());
-        for (int64_t g = 0; g < G; ++g) scores[g * len + t] = dot(qf.data() + g * D, row.data(), D);
+        krows[t] = kc + blk * s.kst[0] + (t % s.bs) * s.kst[1] + h * s.kst[2];
+        vrows[t] = vc + blk * s.vst[0] + (t % s.bs) * s.vst[1] + h * s.vst[2];
       }
       if (!ok) continue;
-      std::fill(acc.begin(), acc.end(), 0.0f);
+      if (s.kst[3] == 1) {
+        score(qf.data(), krows.data(), len, G, D, scores.data());
+      } else {
+        widen_rows(krows.data(), len, s.kst[3], D, rows_f, rows_fp);
+        score(qf.data(), rows_fp.data(), len, G, D, scores.data());
+      }
       std::vector<float> total(G);
       for (int64_t g = 0; g < G; ++g) {  // softmax numerators in place, and their sum
         float* sg = scores.data() + g * len;
@@ -131,10 +218,11 @@ AOTITorchError attend(const T* q, const T* kc, const T* vc, const int64_t* table
         for (; t < len; ++t) sum += (sg[t] = std::exp(sg[t] - top));
         total[g] = sum;
       }
-      for (int64_t t = 0; t < len; ++t) {  // acc[g] += p[g, t] * v_t
-        const int64_t blk = blocks[(t / s.bs) * s.tst[1]];
-        widen(vc + blk * s.vst[0] + (t % s.bs) * s.vst[1] + h * s.vst[2], s.vst[3], D, row.data());
-        for (int64_t g = 0; g < G; ++g) axpy(scores[g * len + t], row.data(), acc.data() + g * D, D);
+      if (s.vst[3] == 1) {
+        weigh(scores.data(), vrows.data(), len, G, D, acc.data());
+      } else {
+        widen_rows(vrows.data(), len, s.vst[3], D, rows_f, rows_fp);
+        weigh(scores.data(), rows_fp.data(), len, G, D, acc.data());
       }
       for (int64_t g = 0; g < G; ++g)
         for (int64_t i = 0; i < D; ++i) store(o + g * D + i, acc[g * D + i] / total[g]);
