@@ -2,6 +2,7 @@
 refusing broken artifacts."""
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -165,3 +166,16 @@ def test_corrupt_artifacts_are_refused_with_the_file_and_fix(tiny_eager_artifact
 
     with pytest.raises(ArtifactError, match="no manifest"):
         LLM(tmp_path)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are Linux's")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_weights_move_to_huge_page_aligned_copies(dtype):
+    from graphgen.runtime.graphs import HUGE_PAGE, on_huge_pages
+
+    big = torch.randn(1024, 1536).to(dtype)  # >= 2 MiB in either dtype
+    moved = on_huge_pages(big)
+    assert torch.equal(moved, big) and moved.dtype == dtype and moved.is_contiguous()
+    assert moved.data_ptr() != big.data_ptr() and moved.data_ptr() % HUGE_PAGE == 0
+    small = torch.randn(64, 64).to(dtype)
+    assert on_huge_pages(small) is small  # under one huge page: left where it is

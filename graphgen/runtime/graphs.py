@@ -1,6 +1,9 @@
 """Load an artifact's compiled graphs with their weights bound from the artifact's own checkpoint."""
 from __future__ import annotations
 
+import ctypes
+import functools
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -12,9 +15,14 @@ from ..backends import backend_module
 from ..spec import DTYPES
 
 
+HUGE_PAGE = 2 << 20
+MADV_HUGEPAGE = 14
+
+
 def load_weights(manifest: Manifest, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
     """Per graph: constant name -> tensor, read once from model/*.safetensors and the extra
-    constants file, cast to the artifact's dtype, shared between graphs (one copy in memory)."""
+    constants file, cast to the artifact's dtype, shared between graphs (one copy in memory).
+    On a Linux CPU, tensors of 2 MiB or more live in transparent huge pages (`on_huge_pages`)."""
     files: dict[str, dict[str, torch.Tensor]] = {"model": {}, "constants": {}}
     for path in sorted(manifest.model_dir.glob("*.safetensors")):
         files["model"].update(load_file(str(path), device=str(device)))
@@ -26,18 +34,41 @@ def load_weights(manifest: Manifest, device: torch.device) -> dict[str, dict[str
     for phase, graph in manifest.graphs.items():
         bound = {}
         for fqn, (source, key) in graph["weights"].items():
-            if key not in files[source]:
+            if (source, key) not in cast and key not in files[source]:
                 where = manifest.model_dir if source == "model" else manifest.path(manifest.data["constants_file"])
                 raise ArtifactError(f"{where}: tensor '{key}' needed by graph '{phase}' is missing; "
                                     "rebuild with `graphgen compile <recipe> --force`")
             if (source, key) not in cast:
-                tensor = files[source][key]
+                tensor = files[source].pop(key)  # popped: the file's copy is freed as we go
                 if tensor.is_floating_point() and source == "model":
                     tensor = tensor.to(dtype)
-                cast[(source, key)] = tensor.contiguous()
+                cast[(source, key)] = on_huge_pages(tensor.contiguous())
             bound[fqn] = cast[(source, key)]
         out[phase] = bound
     return out
+
+
+def on_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of a CPU tensor of 2 MiB or more in memory advised to Linux as transparent huge
+    pages; anything else as it is. Decode streams every weight once per step: with 4 KiB pages
+    that stream misses the TLB every 4 KiB, with 2 MiB pages it reads ~15% faster here
+    (docs/performance.md). Where the kernel refuses the advice, the copy keeps normal pages."""
+    nbytes = tensor.numel() * tensor.element_size()
+    if tensor.device.type != "cpu" or nbytes < HUGE_PAGE or not sys.platform.startswith("linux"):
+        return tensor
+    # Pages of a large torch.empty are mapped on first touch, so the advice precedes the copy.
+    raw = torch.empty(nbytes + 2 * HUGE_PAGE, dtype=torch.uint8)
+    start = -raw.data_ptr() % HUGE_PAGE
+    _libc().madvise(ctypes.c_void_p(raw.data_ptr() + start), ctypes.c_size_t(nbytes + HUGE_PAGE - nbytes % HUGE_PAGE),
+                    MADV_HUGEPAGE)
+    return raw[start:start + nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
 
 
 def load_graphs(manifest: Manifest, device: torch.device) -> dict[str, Callable[..., torch.Tensor]]:
