@@ -179,3 +179,24 @@ def test_large_weights_move_to_huge_page_aligned_copies(dtype):
     assert moved.data_ptr() != big.data_ptr() and moved.data_ptr() % HUGE_PAGE == 0
     small = torch.randn(64, 64).to(dtype)
     assert on_huge_pages(small) is small  # under one huge page: left where it is
+
+
+def test_safetensors_read_straight_into_buffers_matches_the_library(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from graphgen.runtime.graphs import HUGE_PAGE, read_safetensors
+
+    tensors = {"big": torch.randn(1024, 1024), "half": torch.randn(3, 5).bfloat16(), "ids": torch.arange(7),
+               "flag": torch.tensor([True, False]), "scalar": torch.tensor(2.5, dtype=torch.float16)}
+    save_file(tensors, str(tmp_path / "w.safetensors"), metadata={"format": "pt"})
+    got = read_safetensors(tmp_path / "w.safetensors")
+    want = load_file(str(tmp_path / "w.safetensors"))
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
+    if sys.platform.startswith("linux"):
+        assert got["big"].data_ptr() % HUGE_PAGE == 0
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-100])
+    with pytest.raises(ArtifactError, match="cut.safetensors: not a readable safetensors file"):
+        read_safetensors(tmp_path / "cut.safetensors")
