@@ -27,7 +27,7 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 def load_weights(manifest: Manifest, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
     """Per graph: constant name -> tensor, read once from model/*.safetensors and the extra
     constants file, cast to the artifact's dtype, shared between graphs (one copy in memory).
-    On a Linux CPU, tensors of 2 MiB or more live in transparent huge pages (`on_huge_pages`)."""
+    On the CPU the files are read by `read_safetensors`: tensors of 2 MiB or more in huge pages."""
     read = read_safetensors if device.type == "cpu" and sys.byteorder == "little" \
         else lambda path: load_file(str(path), device=str(device))
     files: dict[str, dict[str, torch.Tensor]] = {"model": {}, "constants": {}}

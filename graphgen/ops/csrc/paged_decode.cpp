@@ -69,11 +69,10 @@ inline void axpy(float p, const T* v, float* acc, int64_t D) {
   for (; i < D; ++i) acc[i] += p * to_float(v[i]);
 }
 
-// The cache lines of `rows` rows of `bytes` each, `stride` bytes apart: requested now, read soon.
-inline void prefetch_rows(const void* first, int64_t rows, int64_t stride, int64_t bytes) {
-  const char* p = static_cast<const char*>(first);
-  for (int64_t r = 0; r < rows; ++r, p += stride)
-    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+// The cache lines of a row of `bytes`: requested now, read soon.
+inline void prefetch_row(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
 }
 
 // Strided rows (last-dim stride != 1) widened into one fp32 buffer, with pointers to its rows.
@@ -102,10 +101,10 @@ template <typename T>
 void score(const float* q, const T* const* rows, int64_t len, int64_t G, int64_t D, float* scores) {
   int64_t t = 0;
   const int64_t bytes = D * sizeof(T);
-  for (int64_t i = 0; i < std::min<int64_t>(16, len); ++i) prefetch_rows(rows[i], 1, 0, bytes);
+  for (int64_t i = 0; i < std::min<int64_t>(16, len); ++i) prefetch_row(rows[i], bytes);
   if (D % 8 == 0)
     for (; t + 8 <= len; t += 8) {
-      for (int64_t i = t + 16; i < std::min(t + 24, len); ++i) prefetch_rows(rows[i], 1, 0, bytes);
+      for (int64_t i = t + 16; i < std::min(t + 24, len); ++i) prefetch_row(rows[i], bytes);
       for (int64_t g = 0; g < G; ++g) {
         __m256 a[8];
         for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
@@ -125,7 +124,7 @@ void score(const float* q, const T* const* rows, int64_t len, int64_t G, int64_t
 template <typename T>
 void weigh(const float* p, const T* const* rows, int64_t len, int64_t G, int64_t D, float* out) {
   const int64_t bytes = D * sizeof(T);
-  for (int64_t i = 0; i < std::min<int64_t>(8, len); ++i) prefetch_rows(rows[i], 1, 0, bytes);
+  for (int64_t i = 0; i < std::min<int64_t>(8, len); ++i) prefetch_row(rows[i], bytes);
   if (D % 8 != 0) {
     std::fill(out, out + G * D, 0.0f);
     for (int64_t t = 0; t < len; ++t)
@@ -138,7 +137,7 @@ void weigh(const float* p, const T* const* rows, int64_t len, int64_t G, int64_t
       __m256 a[8];
       for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
       for (int64_t t = 0; t < len; ++t) {
-        if (g == 0 && d0 == 0 && t + 8 < len) prefetch_rows(rows[t + 8], 1, 0, bytes);
+        if (g == 0 && d0 == 0 && t + 8 < len) prefetch_row(rows[t + 8], bytes);
         const __m256 pv = _mm256_set1_ps(p[g * len + t]);
         const T* v = rows[t] + d0;
 #pragma GCC unroll 8
@@ -150,10 +149,11 @@ void weigh(const float* p, const T* const* rows, int64_t len, int64_t G, int64_t
   }
 }
 
-// Sizes and strides (elements) of the five inputs, as the shim read them.
+// Sizes of the inputs and strides (elements) of query and caches, as the shim read them; the block
+// table (B, M) and lengths (B,) arrive as contiguous int64.
 struct Shapes {
   int64_t B, N, D, NB, bs, Nkv, M;
-  const int64_t *qst, *kst, *vst, *tst, *lst;
+  const int64_t *qst, *kst, *vst;
 };
 
 template <typename T>
@@ -163,12 +163,12 @@ AOTITorchError attend(const T* q, const T* kc, const T* vc, const int64_t* table
   std::atomic<int64_t> bad_block{-1}, bad_len{-1};
 #pragma omp parallel num_threads(std::min<int64_t>(threads(), tasks))
   {
-    std::vector<float> qf(G * D), acc(G * D), scores, rows_f;
+    std::vector<float> qf(G * D), acc(G * D), total(G), scores, rows_f;
     std::vector<const T*> krows, vrows;
     std::vector<const float*> rows_fp;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t b = task / s.Nkv, h = task % s.Nkv, len = lens[b * s.lst[0]];
+      const int64_t b = task / s.Nkv, h = task % s.Nkv, len = lens[b];
       T* o = out + (b * s.N + h * G) * D;
       if (len <= 0 || len > s.M * s.bs) {
         if (len > s.M * s.bs) bad_len = b;
@@ -183,10 +183,10 @@ AOTITorchError attend(const T* q, const T* kc, const T* vc, const int64_t* table
       // Row pointers per position (contiguous rows: strided ones are widened into `rows_f` first).
       krows.resize(len);
       vrows.resize(len);
-      const int64_t* blocks = table + b * s.tst[0];
+      const int64_t* blocks = table + b * s.M;
       bool ok = true;
       for (int64_t t = 0; t < len; ++t) {
-        const int64_t blk = blocks[(t / s.bs) * s.tst[1]];
+        const int64_t blk = blocks[t / s.bs];
         if (blk < 0 || blk >= s.NB) {
           bad_block = blk;
           ok = false;
@@ -202,7 +202,6 @@ AOTITorchError attend(const T* q, const T* kc, const T* vc, const int64_t* table
         widen_rows(krows.data(), len, s.kst[3], D, rows_f, rows_fp);
         score(qf.data(), rows_fp.data(), len, G, D, scores.data());
       }
-      std::vector<float> total(G);
       for (int64_t g = 0; g < G; ++g) {  // softmax numerators in place, and their sum
         float* sg = scores.data() + g * len;
         const float top = *std::max_element(sg, sg + len);
@@ -285,7 +284,7 @@ AOTITorchError aoti_torch_cpu_paged_decode_attention(AtenTensorHandle query, Ate
                   "seq_lens (B,) expected; argument %d has %lld dims", i, static_cast<long long>(dim));
   }
   const int64_t *qs = sizes[0], *ks = sizes[1];
-  Shapes s{qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], sizes[3][1], strides[0], strides[1], strides[2], strides[3], strides[4]};
+  const Shapes s{qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], sizes[3][1], strides[0], strides[1], strides[2]};
   const bool f32 = dtypes[0] == aoti_torch_dtype_float32(), bf16 = dtypes[0] == aoti_torch_dtype_bfloat16();
   if (!(f32 || bf16) || dtypes[1] != dtypes[0] || dtypes[2] != dtypes[0])
     return fail("paged_decode_attention: query and caches must all be float32 or all bfloat16");
@@ -300,9 +299,6 @@ AOTITorchError aoti_torch_cpu_paged_decode_attention(AtenTensorHandle query, Ate
   if ((err = read_ints(block_table, s.B * s.M, sizes[3], strides[3], 2, table, "block_table")) ||
       (err = read_ints(seq_lens, s.B, sizes[4], strides[4], 1, lens, "seq_lens")))
     return err;
-  const int64_t contiguous_table[2] = {s.M, 1}, contiguous_lens[1] = {1};
-  s.tst = contiguous_table;
-  s.lst = contiguous_lens;
   int64_t out_strides[3];
   contiguous_strides(3, qs, out_strides);
   if ((err = aoti_torch_empty_strided(3, qs, out_strides, dtypes[0], aoti_torch_device_type_cpu(), 0, ret0))) return err;
