@@ -1,4 +1,4 @@
-"""The serving decompositions the inductor backend applies before AOTInductor
+"""The serving decompositions the inductor backend inlines into the graph AOTInductor traces
 (graphgen/ops/decompositions.py): what they replace, what they leave alone, and that the
 replacement computes what the op it replaces computes."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 import graphgen.ops  # noqa: F401
 from graphgen.ops import cpu_kernels
-from graphgen.ops.decompositions import onednn_linear_available, serving_decompositions
+from graphgen.ops.decompositions import inline_serving_forms, onednn_linear_available, serving_decompositions
 from tests.naive import page_kv
 
 ifa = torch.ops.graphgen.npu_incre_flash_attention
@@ -17,6 +17,15 @@ pfa = torch.ops.graphgen.npu_prompt_flash_attention
 
 def _targets(ep) -> list[str]:
     return [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+
+
+def _serving(ep, calls: int, dynamic_shapes=None):
+    """The serving forms as the inductor backend applies them (inlined into the unlifted module,
+    which the next trace, here torch.export's, traces through); `calls` of the table's ops."""
+    gm = ep.module(check_guards=False)
+    assert inline_serving_forms(gm) == calls
+    args, kwargs = ep.example_inputs
+    return torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
 
 
 class _MLP(torch.nn.Module):
@@ -35,7 +44,7 @@ def test_fp32_cpu_linear_becomes_the_gemv_kernel_and_computes_the_same():
     m = _MLP()
     batch = torch.export.Dim("batch", min=1, max=64)
     ep = torch.export.export(m, (torch.randn(2, 3, 32),), dynamic_shapes=({0: batch},))
-    decomposed = ep.run_decompositions(serving_decompositions())
+    decomposed = _serving(ep, 2, dynamic_shapes=({0: batch},))
     targets = _targets(decomposed)
     replacement = "graphgen.gemv_linear.default" if cpu_kernels.available() else "mkldnn._linear_pointwise.default"
     assert targets.count(replacement) == 2
@@ -50,7 +59,7 @@ def test_bf16_cpu_linear_becomes_the_gemv_kernel_too():
     torch.manual_seed(0)
     m = _MLP().to(torch.bfloat16)
     x = torch.randn(2, 32, dtype=torch.bfloat16)
-    decomposed = torch.export.export(m, (x,)).run_decompositions(serving_decompositions())
+    decomposed = _serving(torch.export.export(m, (x,)), 2)
     targets = _targets(decomposed)
     if cpu_kernels.available():
         assert targets.count("graphgen.gemv_linear.default") == 2
@@ -78,8 +87,7 @@ def test_paged_decode_ifa_call_is_replaced_by_aten_with_the_same_result(layout):
             return ifa.tensor_lengths(q, key, value, actual_seq_lengths=lens, **{**kw, "block_table": table})
 
     args = (q, key, value, table, lens)
-    ep = torch.export.export(Decode(), args)
-    decomposed = ep.run_decompositions(serving_decompositions())
+    decomposed = _serving(torch.export.export(Decode(), args), 1)
     graphgen_ops = [t for t in _targets(decomposed) if "graphgen" in t]
     assert graphgen_ops == (["graphgen.paged_decode_attention.default"] if cpu_kernels.available() else [])
     expected = Decode()(*args)
@@ -101,7 +109,7 @@ def test_packed_causal_pfa_call_is_replaced_by_aten_with_the_same_result():
                                       input_layout="TND", sparse_mode=3)
 
     args = (q, k, v, ends, mask)
-    decomposed = torch.export.export(Prefill(), args).run_decompositions(serving_decompositions())
+    decomposed = _serving(torch.export.export(Prefill(), args), 1)
     assert not any("graphgen" in t for t in _targets(decomposed))
     torch.testing.assert_close(decomposed.module()(*args), Prefill()(*args), rtol=1e-5, atol=1e-5)
 
@@ -117,5 +125,12 @@ def test_calls_outside_the_serving_forms_stay_reference_kernel_calls():
             return pfa.tensor_lengths(q, k, v, atten_mask=mask, actual_seq_lengths=ends, actual_seq_lengths_kv=ends,
                                       num_heads=n, scale_value=d ** -0.5, input_layout="TND", sparse_mode=2)
 
-    targets = _targets(torch.export.export(Prefill(), (q, k, v, ends, mask)).run_decompositions(serving_decompositions()))
+    targets = _targets(_serving(torch.export.export(Prefill(), (q, k, v, ends, mask)), 1))
     assert any("npu_prompt_flash_attention" in t for t in targets)
+
+
+def test_run_decompositions_with_the_table_gives_the_same_graph_as_the_inlined_forms():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32)
+    ep = torch.export.export(_MLP(), (x,))
+    assert _targets(ep.run_decompositions(serving_decompositions())) == _targets(_serving(ep, 2))

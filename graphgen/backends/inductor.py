@@ -4,20 +4,23 @@ Weights are not packaged into the compiled library (`package_constants_in_so=Fal
 hands them over from the artifact's HF checkpoint with `load_constants(user_managed=True)`, so both
 graphs share one copy in memory and on disk.
 
-Before compiling, the serving calls of the attention ops (paged decode, packed causal prefill) are
-replaced by their ATen decompositions (graphgen/ops/decompositions.py), so a decode step runs as
-compiled code end to end instead of calling back into the Python reference kernels.
+The serving calls of the attention ops (paged decode, packed causal prefill) and the CPU linears
+are compiled in their serving forms (graphgen/ops/decompositions.py: graphgen's CPU kernels or
+ATen), so a decode step runs as compiled code end to end instead of calling back into the Python
+reference kernels. The forms are inlined into the graph AOTInductor traces, rather than applied by
+`run_decompositions` first, which would trace each graph one more time (seconds per graph).
 """
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.utils._pytree as pytree
 
 from ..ops import cpu_kernels
-from ..ops.decompositions import serving_decompositions
+from ..ops.decompositions import inline_serving_forms
 
 FORMAT = "aoti"
 INDUCTOR_CONFIGS = {
@@ -26,10 +29,27 @@ INDUCTOR_CONFIGS = {
 
 
 def save(ep: torch.export.ExportedProgram, path: Path) -> list[str]:
-    """Compile `ep` to an AOTInductor package at `path`; return the constant names it expects."""
-    ep = ep.run_decompositions(serving_decompositions())
-    torch._inductor.aoti_compile_and_package(ep, package_path=str(path), inductor_configs=_configs())
+    """Compile `ep` to an AOTInductor package at `path`; return the constant names it expects.
+    What `torch._inductor.aoti_compile_and_package(ep)` does, with the serving forms inlined into
+    the module it compiles."""
+    from torch._inductor.package import package_aoti
+
+    gm = ep.module(check_guards=False)
+    inline_serving_forms(gm)
+    args, kwargs = ep.example_inputs
+    files = torch._inductor.aot_compile(gm, args, kwargs, options={**_configs(), "aot_inductor.package": True})
+    package_aoti(str(path), files)
     return list(torch._inductor.aoti_load_package(str(path)).get_constant_fqns())
+
+
+def prepare(device: torch.device) -> Callable[[], None]:
+    """Start, in the background, what every graph's compile needs once: on the CPU, graphgen's
+    kernel library (built on a machine's first compile). Returns the wait for it, which the
+    compiler calls before the first graph compiles (so forked workers inherit the loaded library
+    instead of each building it)."""
+    if device.type != "cpu":
+        return lambda: None
+    return cpu_kernels.start_build().join
 
 
 def _configs() -> dict:

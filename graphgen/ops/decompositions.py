@@ -153,5 +153,31 @@ def onednn_linear_available() -> bool:
 
 
 def serving_decompositions() -> dict:
-    """op overload -> decomposition, for `ExportedProgram.run_decompositions`."""
+    """op overload -> decomposition (NotImplemented where it does not apply), in the form of
+    `ExportedProgram.run_decompositions`' table."""
     return {IFA: _ifa, PFA: _pfa, torch.ops.aten.linear.default: _linear}
+
+
+def inline_serving_forms(gm: torch.fx.GraphModule) -> int:
+    """Point every call of a serving-decomposed op in `gm` at a function that runs the
+    decomposition, or the op itself where the decomposition returns NotImplemented; returns how
+    many calls were redirected. The next trace of `gm` (AOTInductor's own) then traces the serving
+    forms in place, which spares a whole-graph retrace of `run_decompositions` per graph."""
+    table = serving_decompositions()
+    count = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in table:
+            node.target = _serving_form(node.target, table[node.target])
+            count += 1
+    if count:
+        gm.recompile()
+    return count
+
+
+def _serving_form(op, decomposition):
+    def serve(*args, **kwargs):
+        out = decomposition(*args, **kwargs)
+        return op(*args, **kwargs) if out is NotImplemented else out
+
+    serve.__name__ = serve.__qualname__ = f"serving_{op.name().split('::')[-1]}_{op._overloadname}"
+    return serve
