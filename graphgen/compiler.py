@@ -372,6 +372,7 @@ def compile_recipe(
         return CompileResult(path=out, up_to_date=True, seconds=time.perf_counter() - start)
 
     backend = backend_module(recipe.compile.backend)
+    backend_ready = backend.prepare(device) if hasattr(backend, "prepare") else lambda: None
     result = CompileResult(path=out, up_to_date=False, seconds=0.0)
     with tempfile.TemporaryDirectory(prefix="graphgen-build-") as work, atomic_dir(out) as root:
         say("load", f"model from {recipe.model.source}")
@@ -390,6 +391,7 @@ def compile_recipe(
         (root / "graphs").mkdir()
         lowered, extra_constants, graphs, modules = [], {}, {}, {}
         jobs = _parallel_jobs(backend, device, model)
+        backend_ready()
         with CompileWorkers(jobs, say) as workers:
             for phase, inputs in PHASE_INPUTS.items():
                 if npu is not None and phase not in npu.phases:

@@ -97,6 +97,23 @@ def test_build_is_cached_per_source_and_torch(tmp_path, monkeypatch):
 
 
 @needs_kernel
+def test_concurrent_builders_build_once(tmp_path, monkeypatch):
+    """Forked compile workers and parallel test runs may all need the library at once: one builds
+    (under the lock file), the others wait and load the same file."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("GRAPHGEN_CACHE_DIR", str(tmp_path))
+    compiles = []
+    run = cpu_kernels._run
+    monkeypatch.setattr(cpu_kernels, "_run", lambda command: (compiles.append(command), run(command)))
+    with ThreadPoolExecutor(3) as pool:
+        paths = list(pool.map(lambda _: cpu_kernels._build(), range(3)))
+    assert len(set(paths)) == 1 and paths[0].exists()
+    assert len(compiles) == len(cpu_kernels.SOURCES) + 1  # each source once, one link
+    assert sorted(p.name for p in paths[0].parent.iterdir()) == ["build.lock", cpu_kernels.LIBRARY]
+
+
+@needs_kernel
 def test_compiled_tiny_graphs_call_the_shim(tiny_artifact):
     """The Inductor artifact's graphs call the kernel directly (no proxy executor round trip)."""
     with zipfile.ZipFile(tiny_artifact / "graphs" / "decode.pt2") as z:

@@ -14,14 +14,16 @@ warning saying why); the ops' callers then keep ATen.
 from __future__ import annotations
 
 import ctypes
-import functools
+import fcntl
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -30,7 +32,7 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("gemv_linear.cpp", "paged_decode.cpp")
 HEADERS = ("kernels.h",)
 LIBRARY = "libgraphgen_cpu.so"
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-std=c++17"]
 # op -> (shim symbol, C declaration), as AOTInductor's codegen calls it: tensors as handles,
 # floats as double, the output through the last pointer.
 SHIMS: dict[str, tuple[str, str]] = {
@@ -49,6 +51,15 @@ def available() -> bool:
     """Whether the kernels are built and loaded here (built on first call; False, with one warning
     saying why, where they cannot be)."""
     return _library() is not None
+
+
+def start_build() -> threading.Thread:
+    """Build (or find) and load the library in a background thread, for a caller that will need it
+    after other work: the compiler starts it before loading the model, so on a machine that has
+    never built the kernels the build (seconds of g++) overlaps the model's export."""
+    thread = threading.Thread(target=_library, name="graphgen-cpu-kernels", daemon=True)
+    thread.start()
+    return thread
 
 
 def set_num_threads(threads: int) -> None:
@@ -99,8 +110,19 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
-@functools.cache
+_loaded: list = []  # [library or None] once loaded (or found unusable)
+_loading = threading.Lock()
+
+
 def _library() -> ctypes.CDLL | None:
+    if not _loaded:
+        with _loading:  # one builder per process; other threads wait for its result
+            if not _loaded:
+                _loaded.append(_load())
+    return _loaded[0]
+
+
+def _load() -> ctypes.CDLL | None:
     why = _unsupported()
     if why is None:
         try:
@@ -132,6 +154,9 @@ def _unsupported() -> str | None:
 
 
 def _build() -> Path:
+    """The library for these sources, torch and compiler: from the cache, else built into it. One
+    process builds while others wait on a lock file (the compiler's forked workers, parallel test
+    runs); the sources compile in parallel, then link."""
     torch_dir = Path(torch.__file__).parent
     cxx = _compiler()
     texts = [(CSRC / name).read_text() for name in (*SOURCES, *HEADERS)]
@@ -140,13 +165,29 @@ def _build() -> Path:
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    lib_dir = torch_dir / "lib"
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        built = Path(tmp) / out.name
-        subprocess.run([cxx, *FLAGS, f"-I{torch_dir / 'include'}", *(str(CSRC / s) for s in SOURCES), "-o", str(built),
-                        f"-L{lib_dir}", "-ltorch_cpu", f"-Wl,-rpath,{lib_dir}"], check=True, capture_output=True, text=True)
-        os.replace(built, out)  # atomic: concurrent builders each rename a complete file
+    with open(out.parent / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if out.exists():  # another process built it while this one waited
+            return out
+        lib_dir = torch_dir / "lib"
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            objects = [Path(tmp) / f"{Path(source).stem}.o" for source in SOURCES]
+
+            def compile_one(source: str, obj: Path) -> None:
+                _run([cxx, *FLAGS, f"-I{torch_dir / 'include'}", "-c", str(CSRC / source), "-o", str(obj)])
+
+            with ThreadPoolExecutor(len(SOURCES)) as pool:
+                for done in [pool.submit(compile_one, s, o) for s, o in zip(SOURCES, objects)]:
+                    done.result()
+            built = Path(tmp) / out.name
+            _run([cxx, *FLAGS, "-shared", *map(str, objects), "-o", str(built), f"-L{lib_dir}", "-ltorch_cpu",
+                  f"-Wl,-rpath,{lib_dir}"])
+            os.replace(built, out)  # atomic: a reader never sees a partial file
     return out
+
+
+def _run(command: list[str]) -> None:
+    subprocess.run(command, check=True, capture_output=True, text=True)
 
 
 _capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
