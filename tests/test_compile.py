@@ -234,3 +234,24 @@ def test_python_api_and_cli_on_the_eager_artifact(tiny_eager_artifact):
     assert llm.generate([[256, 72, 101]], graphgen.SamplingParams(max_tokens=5))[0].token_ids == out["token_ids"]
     result = runner.invoke(app, ["run", str(tiny_eager_artifact)])
     assert result.exit_code == 1 and "--prompt" in result.output
+
+
+def test_the_graphgen_command_flushes_its_output_runs_exit_handlers_and_keeps_exit_codes(tiny_eager_artifact, tmp_path):
+    """`graphgen` (cli.main) leaves through os._exit to skip the interpreter's teardown: what it
+    printed must still arrive, atexit handlers still run, and the exit codes stay typer's."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "atexit-ran"
+    script = ("import atexit, pathlib, sys; from graphgen.cli import main; "
+              f"atexit.register(pathlib.Path({str(marker)!r}).touch); sys.argv[0] = 'graphgen'; main()")
+
+    def graphgen(*args):
+        return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300)
+
+    ok = graphgen("inspect", str(tiny_eager_artifact), "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["name"] == "tiny-llama" and marker.exists()
+    bad = graphgen("inspect", str(tmp_path / "missing"))
+    assert bad.returncode == 1 and "no manifest" in bad.stderr
+    assert graphgen("no-such-command").returncode == 2
