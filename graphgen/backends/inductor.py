@@ -39,7 +39,12 @@ def save(ep: torch.export.ExportedProgram, path: Path) -> list[str]:
     args, kwargs = ep.example_inputs
     files = torch._inductor.aot_compile(gm, args, kwargs, options={**_configs(), "aot_inductor.package": True})
     package_aoti(str(path), files)
-    return list(torch._inductor.aoti_load_package(str(path)).get_constant_fqns())
+    return list(_loader(path).get_constant_fqns())
+
+
+def _loader(path: Path):
+    """torch's C++ package loader (what `aoti_load_package` wraps, minus its Python side)."""
+    return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
 
 
 def prepare(device: torch.device) -> Callable[[], None]:
@@ -97,7 +102,7 @@ def load(path: Path, constants: dict[str, torch.Tensor]) -> CompiledGraph:
     if cpu_kernels.available():  # loads the kernel library the graph's shim calls resolve to
         cpu_kernels.set_num_threads(torch.get_num_threads())
     try:
-        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+        loader = _loader(path)
     except RuntimeError as e:
         shim = next((symbol for symbol, _ in cpu_kernels.SHIMS.values() if symbol in str(e)), None)
         if shim:
