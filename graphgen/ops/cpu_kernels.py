@@ -14,7 +14,6 @@ warning saying why); the ops' callers then keep ATen.
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import hashlib
 import os
 import shutil
@@ -165,6 +164,8 @@ def _build() -> Path:
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    import fcntl  # POSIX only; builds happen on Linux only (`_unsupported`), the module imports anywhere
+
     with open(out.parent / "build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if out.exists():  # another process built it while this one waited
