@@ -179,6 +179,8 @@ def test_large_weights_move_to_huge_page_aligned_copies(dtype):
     assert moved.data_ptr() != big.data_ptr() and moved.data_ptr() % HUGE_PAGE == 0
     small = torch.randn(64, 64).to(dtype)
     assert on_huge_pages(small) is small  # under one huge page: left where it is
+    cast = on_huge_pages(big.float(), dtype)  # the artifact's dtype, in the same copy
+    assert torch.equal(cast, big) and cast.dtype == dtype and cast.data_ptr() % HUGE_PAGE == 0
 
 
 def test_safetensors_read_straight_into_buffers_matches_the_library(tmp_path):

@@ -48,7 +48,7 @@ def load_weights(manifest: Manifest, device: torch.device) -> dict[str, dict[str
             if (source, key) not in cast:
                 tensor = files[source].pop(key)  # popped: a cast frees the file's copy as it goes
                 if tensor.is_floating_point() and source == "model" and tensor.dtype != dtype:
-                    tensor = on_huge_pages(tensor.to(dtype))
+                    tensor = on_huge_pages(tensor, dtype)
                 cast[(source, key)] = tensor.contiguous()
             bound[fqn] = cast[(source, key)]
         out[phase] = bound
@@ -93,15 +93,17 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor:
     return raw[start:start + nbytes]
 
 
-def on_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
-    """A copy of a CPU tensor of 2 MiB or more in memory advised to Linux as transparent huge
-    pages; anything else as it is. Decode streams every weight once per step: with 4 KiB pages
-    that stream misses the TLB every 4 KiB; with 2 MiB pages bench-125m decodes ~4-6% faster here
-    (docs/performance.md). Where the kernel refuses the advice, the copy keeps normal pages."""
-    nbytes = tensor.numel() * tensor.element_size()
+def on_huge_pages(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A CPU tensor of 2 MiB or more copied (cast to `dtype`, if given, in the same copy) into
+    memory advised to Linux as transparent huge pages; anything else as it is (cast if asked).
+    Decode streams every weight once per step: with 4 KiB pages that stream misses the TLB every
+    4 KiB; with 2 MiB pages bench-125m decodes ~4-6% faster here (docs/performance.md). Where the
+    kernel refuses the advice, the copy keeps normal pages."""
+    dtype = dtype or tensor.dtype
+    nbytes = tensor.numel() * dtype.itemsize
     if tensor.device.type != "cpu" or nbytes < HUGE_PAGE or not sys.platform.startswith("linux"):
-        return tensor
-    return huge_page_buffer(nbytes).view(tensor.dtype).view(tensor.shape).copy_(tensor)
+        return tensor.to(dtype)
+    return huge_page_buffer(nbytes).view(dtype).view(tensor.shape).copy_(tensor)
 
 
 @functools.cache
