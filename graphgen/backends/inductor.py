@@ -21,6 +21,7 @@ import torch.utils._pytree as pytree
 
 from ..ops import cpu_kernels
 from ..ops.decompositions import inline_serving_forms
+from . import inductor_toolchain
 
 FORMAT = "aoti"
 INDUCTOR_CONFIGS = {
@@ -37,7 +38,7 @@ def save(ep: torch.export.ExportedProgram, path: Path) -> list[str]:
     gm = ep.module(check_guards=False)
     inline_serving_forms(gm)
     args, kwargs = ep.example_inputs
-    files = torch._inductor.aot_compile(gm, args, kwargs, options={**_configs(), "aot_inductor.package": True})
+    files = torch._inductor.aot_compile(gm, args, kwargs, options=_package_configs())
     package_aoti(str(path), files)
     return list(_loader(path).get_constant_fqns())
 
@@ -48,18 +49,22 @@ def _loader(path: Path):
 
 
 def prepare(device: torch.device) -> Callable[[], None]:
-    """Start, in the background, what every graph's compile needs once: on the CPU, graphgen's
-    kernel library (built on a machine's first compile). Returns the wait for it, which the
-    compiler calls before the first graph compiles (so forked workers inherit the loaded library
-    instead of each building it)."""
+    """Start, in the background, what every graph's compile needs once, all built on a machine's
+    first compile: on the CPU, torch's precompiled headers (a forked process, which the compile
+    waits for only through Inductor's own file locks; inductor_toolchain.py) and graphgen's kernel
+    library. Returns the wait for the library, which the compiler calls before the first graph
+    compiles (so forked workers inherit the loaded library instead of each building it)."""
     if device.type != "cpu":
         return lambda: None
+    inductor_toolchain.start_warmup(_package_configs(with_kernels=False))
     return cpu_kernels.start_build().join
 
 
-def _configs() -> dict:
-    configs = dict(INDUCTOR_CONFIGS)
-    if cpu_kernels.available():  # compiled graphs call graphgen's CPU kernels as C shims
+def _package_configs(with_kernels: bool = True) -> dict:
+    """Inductor's options for `save`; `with_kernels=False` leaves out the kernels' shim
+    declarations (which would wait for the library's build, and change no build command)."""
+    configs = {**INDUCTOR_CONFIGS, "aot_inductor.package": True}
+    if with_kernels and cpu_kernels.available():  # compiled graphs call graphgen's CPU kernels as C shims
         configs.update(cpu_kernels.inductor_configs())
     return configs
 
