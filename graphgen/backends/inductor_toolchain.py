@@ -17,6 +17,7 @@ compile after a machine's first), the warm-up finds them in about a second, on t
 """
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 
@@ -89,6 +90,8 @@ def start_warmup(configs: dict) -> None:
             code = 0
         finally:
             os._exit(code)
+    atexit.unregister(_reap)  # once: a child that ends before we do is collected by us at exit,
+    atexit.register(_reap)  # not left to an init that may never reap it (a container's)
     _children.append(pid)
 
 
