@@ -153,25 +153,22 @@ AOTITorchError bf16_mm(AtenTensorHandle x, int64_t xdim, const int64_t* xs, cons
       if (h) aoti_torch_delete_tensor_object(h);
     return e;
   };
+  // t itself where contiguous, else a contiguous copy of it (kept in owned[slot])
+  auto dense = [&](AtenTensorHandle t, int64_t dim, const int64_t* sizes, const int64_t* strides, int slot,
+                   AtenTensorHandle* result) {
+    *result = t;
+    if (contiguous(dim, sizes, strides)) return AOTI_TORCH_SUCCESS;
+    int64_t dense_strides[8];
+    contiguous_strides(dim, sizes, dense_strides);
+    AOTITorchError e = aoti_torch_empty_strided(dim, sizes, dense_strides, aoti_torch_dtype_bfloat16(),
+                                                aoti_torch_device_type_cpu(), 0, &owned[slot]);
+    if (!e) e = aoti_torch_copy_(owned[slot], t, 0);
+    if (!e) *result = owned[slot];
+    return e;
+  };
   AOTITorchError err = AOTI_TORCH_SUCCESS;
   AtenTensorHandle xc = x, wc = w;
-  if (!contiguous(xdim, xs, xst)) {
-    int64_t strides[8];
-    contiguous_strides(xdim, xs, strides);
-    if ((err = aoti_torch_empty_strided(xdim, xs, strides, aoti_torch_dtype_bfloat16(), aoti_torch_device_type_cpu(), 0,
-                                        &owned[0])) ||
-        (err = aoti_torch_copy_(owned[0], x, 0)))
-      return finish(err);
-    xc = owned[0];
-  }
-  if (!contiguous(2, ws, wst)) {
-    const int64_t strides[2] = {K, 1};
-    if ((err = aoti_torch_empty_strided(2, ws, strides, aoti_torch_dtype_bfloat16(), aoti_torch_device_type_cpu(), 0,
-                                        &owned[1])) ||
-        (err = aoti_torch_copy_(owned[1], w, 0)))
-      return finish(err);
-    wc = owned[1];
-  }
+  if ((err = dense(x, xdim, xs, xst, 0, &xc)) || (err = dense(w, 2, ws, wst, 1, &wc))) return finish(err);
   int64_t x_off = 0, w_off = 0;
   if ((err = aoti_torch_get_storage_offset(xc, &x_off)) || (err = aoti_torch_get_storage_offset(wc, &w_off)))
     return finish(err);
