@@ -23,7 +23,8 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -62,6 +63,7 @@ class Manifest:
 
     root: Path
     data: dict[str, Any]
+    _check: _BackgroundCheck | None = field(default=None, repr=False, compare=False)
 
     @property
     def kv(self) -> KVSpec:
@@ -85,6 +87,37 @@ class Manifest:
 
     def path(self, rel: str) -> Path:
         return self.root / rel
+
+    def wait_verified(self) -> None:
+        """Wait for the checksums `read_manifest(..., weights_later=True)` left running; raises
+        ArtifactError if a file did not match. No-op otherwise."""
+        if self._check is not None:
+            self._check.result()
+
+
+class _BackgroundCheck:
+    """sha256 of files checked in a thread (hashlib and file reads release the GIL)."""
+
+    def __init__(self, paths: list[tuple[Path, str]], rebuild: str):
+        self.error: ArtifactError | None = None
+        self._thread = threading.Thread(target=self._run, args=(paths, rebuild), name="graphgen-checksums", daemon=True)
+        self._thread.start()
+
+    def _run(self, paths: list[tuple[Path, str]], rebuild: str) -> None:
+        for path, digest in paths:
+            try:
+                ok = sha256_file(path) == digest
+            except OSError as e:
+                self.error = ArtifactError(f"{path}: cannot be read for its checksum ({e}); {rebuild}")
+                return
+            if not ok:
+                self.error = ArtifactError(f"{path}: checksum mismatch (file changed or corrupt); {rebuild}")
+                return
+
+    def result(self) -> None:
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 @contextlib.contextmanager
@@ -118,8 +151,12 @@ def write_manifest(root: Path, data: dict[str, Any]) -> Manifest:
     return Manifest(root=root, data=data)
 
 
-def read_manifest(root: str | Path, *, verify: bool = True) -> Manifest:
-    """Load and check an artifact's manifest. verify=True also checks every file's sha256."""
+def read_manifest(root: str | Path, *, verify: bool = True, weights_later: bool = False) -> Manifest:
+    """Load and check an artifact's manifest. verify=True also checks every file's sha256.
+    weights_later=True checks the .safetensors files (data, read by graphgen's own checked
+    reader; never executed, unlike a graph's library) in a background thread instead, so a loader
+    reads the weights while they are hashed; it must call `manifest.wait_verified()` before it
+    trusts them."""
     root = Path(root)
     rebuild = "rebuild it with `graphgen compile <recipe> --force`"
     mpath = root / MANIFEST
@@ -137,13 +174,16 @@ def read_manifest(root: str | Path, *, verify: bool = True) -> Manifest:
     for key in ("graphs", "kv", "files", "model_dir", "special_tokens", "limits"):
         if key not in data:
             raise ArtifactError(f"{mpath}: manifest has no '{key}' entry; {rebuild}")
+    later = []
     for rel, digest in data["files"].items():
         path = root / rel
         if not path.is_file():
             raise ArtifactError(f"{path}: listed in the manifest but missing; {rebuild}")
-        if verify and sha256_file(path) != digest:
+        if verify and weights_later and path.suffix == ".safetensors":
+            later.append((path, digest))
+        elif verify and sha256_file(path) != digest:
             raise ArtifactError(f"{path}: checksum mismatch (file changed or corrupt); {rebuild}")
     for phase, graph in data["graphs"].items():
         if graph["file"] not in data["files"]:
             raise ArtifactError(f"{mpath}: graph '{phase}' file {graph['file']} is not in the artifact; {rebuild}")
-    return Manifest(root=root, data=data)
+    return Manifest(root=root, data=data, _check=_BackgroundCheck(later, rebuild) if later else None)

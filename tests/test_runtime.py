@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from graphgen.artifact import ArtifactError
+from graphgen.artifact import ArtifactError, read_manifest
 from graphgen.runtime.engine import LLM
 from graphgen.runtime.params import SamplingParams
 
@@ -166,6 +166,30 @@ def test_corrupt_artifacts_are_refused_with_the_file_and_fix(tiny_eager_artifact
 
     with pytest.raises(ArtifactError, match="no manifest"):
         LLM(tmp_path)
+
+
+def test_corrupt_weights_are_refused_though_checked_while_they_load(tiny_eager_artifact, tmp_path):
+    """The weights' checksums run beside their reading (read_manifest(weights_later=True)): a
+    changed byte still refuses the artifact, and where the damage breaks the load itself the
+    checksum is what the error says."""
+    flipped = _copy(tiny_eager_artifact, tmp_path / "flipped")
+    weights = flipped / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF  # a weight's byte: the file still parses
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"model\.safetensors: checksum mismatch.*graphgen compile"):
+        LLM(flipped)
+    manifest = read_manifest(flipped, weights_later=True)  # returns with the weights still being checked
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        manifest.wait_verified()
+    LLM(flipped, verify_checksums=False)  # the data is not checked for you when you opt out
+
+    cut = _copy(tiny_eager_artifact, tmp_path / "cut")
+    weights = cut / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    with pytest.raises(ArtifactError, match=r"model\.safetensors: checksum mismatch") as failure:
+        LLM(cut)
+    assert "ends past the end of the file" in str(failure.value.__context__)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are Linux's")

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-from ..artifact import ArtifactError, read_manifest
+from ..artifact import ArtifactError, Manifest, read_manifest
 from .block_manager import BlockManager, blocks_for_memory
 from .params import RequestOutput, SamplingParams
 from .runner import ModelRunner
@@ -73,7 +73,18 @@ class LLM:
     def __init__(self, artifact_dir: str | Path, *, num_blocks: int | None = None, kv_cache_memory: int | None = None,
                  max_num_seqs: int | None = None, enable_prefix_caching: bool = True, verify_checksums: bool = True):
         t0 = time.perf_counter()
-        self.manifest = manifest = read_manifest(artifact_dir, verify=verify_checksums)
+        # The weights' checksums run in a thread while the weights are read (both release the GIL).
+        self.manifest = manifest = read_manifest(artifact_dir, verify=verify_checksums, weights_later=True)
+        try:
+            self._load(manifest, num_blocks, kv_cache_memory, max_num_seqs, enable_prefix_caching)
+        except Exception:
+            manifest.wait_verified()  # a corrupt weights file explains a failed load better than what broke
+            raise
+        manifest.wait_verified()
+        self.load_seconds = time.perf_counter() - t0
+
+    def _load(self, manifest: Manifest, num_blocks: int | None, kv_cache_memory: int | None, max_num_seqs: int | None,
+              enable_prefix_caching: bool) -> None:
         _check_versions(manifest)
         if manifest.data.get("device", "cpu") == "cuda" and not torch.cuda.is_available():
             raise ArtifactError(f"{manifest.root}: built for cuda but this machine has no CUDA device; "
@@ -107,7 +118,6 @@ class LLM:
         self.stats = Stats()
         self._detok: dict[int, Detokenizer] = {}
         self._unfinished: set[str] = set()
-        self.load_seconds = time.perf_counter() - t0
 
     # --- public API ------------------------------------------------------------------------------
     def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None
