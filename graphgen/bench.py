@@ -197,8 +197,8 @@ def run_hf(model, workload: Workload, batch_size: int, pad_token_id: int, *, dec
             mask[row, width - len(p):] = 1
         clock = _TokenClock()
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                                 eos_token_id=None, pad_token_id=pad_token_id, streamer=clock)
+            out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=new_tokens,
+                                 do_sample=False, eos_token_id=None, pad_token_id=pad_token_id, streamer=clock)
         if out.shape[1] - width != new_tokens or len(clock.times) != new_tokens + 1:
             raise RuntimeError(f"HF generate stopped after {out.shape[1] - width} of {new_tokens} tokens")
         for i in idx:
@@ -209,15 +209,22 @@ def run_hf(model, workload: Workload, batch_size: int, pad_token_id: int, *, dec
 
 
 # --- the machine's limit ---------------------------------------------------------------------------
-def read_bandwidth(nbytes: int, repeats: int = 5) -> float:
-    """Bytes/s of a streaming read (a sum) over an fp32 buffer of about `nbytes` (at least 1 MiB),
-    best of `repeats` after a warm-up: what the memory system delivers to this process's threads."""
-    buf = torch.ones(max(nbytes, MIB) // 4, dtype=torch.float32)
+def read_bandwidth(nbytes: int, repeats: int = 5, device: torch.device | str = "cpu") -> float:
+    """Bytes/s of a streaming read (a sum) over an fp32 buffer of about `nbytes` on `device`, best
+    of `repeats` after a warm-up: what the memory the artifact's weights live in delivers. The
+    buffer is at least 1 MiB, and on an accelerator at least 256 MiB (its cache holds tens of MiB,
+    and a small read times the kernel launch)."""
+    device = torch.device(device)
+    floor = MIB if device.type == "cpu" else 256 * MIB
+    sync = (lambda: None) if device.type == "cpu" else getattr(torch, device.type).synchronize
+    buf = torch.ones(max(nbytes, floor) // 4, dtype=torch.float32, device=device)
     buf.sum()
+    sync()
     best = math.inf
     for _ in range(max(1, repeats)):
         t = time.perf_counter()
         buf.sum()
+        sync()
         best = min(best, time.perf_counter() - t)
     return buf.numel() * 4 / best
 
@@ -333,7 +340,7 @@ def bench(artifact: str | Path, *, batch_sizes: list[int] = (1, 16), workloads: 
         artifact={"name": m.data["name"], "path": str(m.root), "dtype": m.data["dtype"],
                   "parameters": sizes.parameters, "weight_bytes": sizes.weight_bytes,
                   "load_seconds": load_seconds, "max_running_seqs": running},
-        machine={"threads": torch.get_num_threads(), "torch": torch.__version__},
+        machine={"threads": torch.get_num_threads(), "torch": torch.__version__, "device": llm.device.type},
         settings={"batch_sizes": list(batch_sizes), "workloads": list(workloads), "vs_hf": vs_hf,
                   "prompt_len": prompt_len, "output_len": output_len, "repeats": repeats, "seed": seed,
                   "max_num_seqs": max_num_seqs, "mixed_requests": mixed_requests},
@@ -373,13 +380,13 @@ def bench(artifact: str | Path, *, batch_sizes: list[int] = (1, 16), workloads: 
     report.artifact["peak_rss_mib"] = peak_rss_mib()  # before HF is loaded
 
     say("read bandwidth")
-    bandwidth = read_bandwidth(sizes.step_weight_bytes)
+    bandwidth = read_bandwidth(sizes.step_weight_bytes, device=llm.device)
     report.machine["read_bandwidth_gb_s"] = bandwidth / 1e9
 
     hf = pad = None
     if vs_hf:
         say("loading HF (eager, sdpa) from the artifact's checkpoint")
-        hf, pad = _load_hf(m)
+        hf, pad = _load_hf(m, llm.device)
     results = {}
     for label, w, ours, theirs in cases:
         if hf is not None:
@@ -400,14 +407,15 @@ def bench(artifact: str | Path, *, batch_sizes: list[int] = (1, 16), workloads: 
     return report
 
 
-def _load_hf(manifest):
+def _load_hf(manifest, device: torch.device):
+    """HF's model from the artifact's checkpoint, on the artifact's device (like for like)."""
     from transformers import AutoModelForCausalLM
 
     from .spec import DTYPES
 
     model = AutoModelForCausalLM.from_pretrained(
         str(manifest.model_dir), dtype=DTYPES[manifest.data["dtype"]], attn_implementation="sdpa",
-        local_files_only=True).eval()
+        local_files_only=True).eval().to(device)
     special = manifest.special_tokens
     pad = special.get("pad")
     if pad is None:
@@ -452,7 +460,8 @@ def print_report(report: BenchReport, console) -> None:
             t.add_row("speedup", _fmt(mx["speedup"], ".2f", "x"), "", "")
         console.print(t)
     r = report.roofline
-    console.print(f"read bandwidth {report.machine['read_bandwidth_gb_s']:.1f} GB/s; batch-1 step reads "
+    where = "" if report.machine.get("device", "cpu") == "cpu" else f" ({report.machine['device']} memory)"
+    console.print(f"read bandwidth{where} {report.machine['read_bandwidth_gb_s']:.1f} GB/s; batch-1 step reads "
                   f"{r['bytes_per_step'] / MIB:.1f} MiB (context {r['context_len']:.0f}) -> roofline "
                   f"{r['tok_s']:.1f} tok/s; batch-1 decode at {_fmt(r['fraction'] and r['fraction'] * 100, '.0f', '%')}"
                   " of it", highlight=False)

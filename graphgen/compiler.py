@@ -183,6 +183,7 @@ def _weight_map(gm: fx.GraphModule, fqns: list[str], checkpoint: dict[str, torch
         tensor = own.get(fqn)
         if tensor is None:
             raise CompileError(f"graph constant {fqn} is not a parameter or buffer of the captured model")
+        tensor = tensor.detach().cpu()  # the checkpoint's side (a no-op for a CPU build)
         key = fqn.removeprefix(WRAPPER_PREFIX)
         ck = checkpoint.get(key)
         if ck is not None and ck.shape == tensor.shape and torch.equal(ck.to(tensor.dtype), tensor):
@@ -194,7 +195,7 @@ def _weight_map(gm: fx.GraphModule, fqns: list[str], checkpoint: dict[str, torch
             mapping[fqn] = ["model", tied]
         else:
             mapping[fqn] = ["constants", fqn]
-            extra[fqn] = tensor.detach().contiguous()
+            extra[fqn] = tensor.contiguous()
     return mapping, extra
 
 

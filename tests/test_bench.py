@@ -95,7 +95,7 @@ def _check_schema(d: dict, *, hf: bool, mixed: bool) -> None:
     assert set(d) == {"schema", "artifact", "machine", "settings", "fixed", "mixed", "roofline", "skipped"}
     assert {"name", "dtype", "parameters", "weight_bytes", "load_seconds", "peak_rss_mib"} <= set(d["artifact"])
     assert d["artifact"]["load_seconds"] > 0 and d["artifact"]["peak_rss_mib"] > 0
-    assert d["machine"]["read_bandwidth_gb_s"] > 0 and d["machine"]["threads"] >= 1
+    assert d["machine"]["read_bandwidth_gb_s"] > 0 and d["machine"]["threads"] >= 1 and d["machine"]["device"] == "cpu"
     assert {"bytes_per_step", "tok_s", "fraction", "context_len"} == set(d["roofline"])
     assert 0 < d["roofline"]["fraction"]
     for row in d["fixed"]:

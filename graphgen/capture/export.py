@@ -122,9 +122,10 @@ def capture(
     # Example sizes must not be 0/1 (export specializes on them) and must sit inside the ranges.
     eb = max(2, min(example_batch, max_batch))
     es = max(2, min(example_seq_len, max_seq_len))
-    vocab = int(model.get_input_embeddings().num_embeddings)
-    input_ids = torch.randint(0, vocab, (eb, es), generator=torch.Generator().manual_seed(0))
-    position_ids = torch.arange(es).unsqueeze(0).expand(eb, es).contiguous()
+    embeddings = model.get_input_embeddings()
+    vocab, device = int(embeddings.num_embeddings), embeddings.weight.device
+    input_ids = torch.randint(0, vocab, (eb, es), generator=torch.Generator().manual_seed(0)).to(device)
+    position_ids = torch.arange(es, device=device).unsqueeze(0).expand(eb, es).contiguous()
     batch = Dim("batch", min=1, max=max(max_batch, 2))
     seq = Dim("seq", min=1, max=max(max_seq_len, 2))
     shapes = {"input_ids": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq}}
@@ -175,13 +176,14 @@ def max_abs_error_vs_eager(
     """Run the exported program and the HF model with `reference` attention on random tokens of
     each (batch, seq) size; return the largest |logits difference| (fp32: expect ~1e-6)."""
     gen = torch.Generator().manual_seed(seed)
-    vocab = int(model.get_input_embeddings().num_embeddings)
+    embeddings = model.get_input_embeddings()
+    vocab, device = int(embeddings.num_embeddings), embeddings.weight.device
     module = ep.module()
     worst = 0.0
     with torch.no_grad(), attn_implementation(model, reference):
         for b, s in sizes:
-            ids = torch.randint(0, vocab, (b, s), generator=gen)
-            pos = torch.arange(s).unsqueeze(0).expand(b, s).contiguous()
+            ids = torch.randint(0, vocab, (b, s), generator=gen).to(device)
+            pos = torch.arange(s, device=device).unsqueeze(0).expand(b, s).contiguous()
             got = module(ids, pos)
             want = model(input_ids=ids, position_ids=pos, use_cache=False).logits
             worst = max(worst, (got.float() - want.float()).abs().max().item())

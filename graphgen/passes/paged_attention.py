@@ -50,9 +50,9 @@ class PassRecord:
     notes: list[str] = field(default_factory=list)
 
 
-def compressed_causal_mask() -> torch.Tensor:
+def compressed_causal_mask(device: torch.device | str = "cpu") -> torch.Tensor:
     """The (2048, 2048) mask sparse modes 2/3/4 take: True (masked) above the diagonal."""
-    return torch.ones(COMPRESSED_MASK_SIZE, COMPRESSED_MASK_SIZE, dtype=torch.bool).triu(1)
+    return torch.ones(COMPRESSED_MASK_SIZE, COMPRESSED_MASK_SIZE, dtype=torch.bool, device=device).triu(1)
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -259,7 +259,9 @@ def paged_attention(gm: fx.GraphModule, phase: str, spec: KVSpec) -> tuple[fx.Gr
     inputs = _add_inputs(gm, PHASE_INPUTS[phase] + cache_input_names(spec.num_layers))
     mask_node = None
     if phase in ("prefill", "extend"):
-        gm.register_buffer("compressed_causal_mask", compressed_causal_mask(), persistent=False)
+        weights = next(iter(gm.parameters()), None)  # the mask lives where the model does (cpu, cuda)
+        device = weights.device if weights is not None else "cpu"
+        gm.register_buffer("compressed_causal_mask", compressed_causal_mask(device), persistent=False)
         with gm.graph.inserting_after(_placeholders(gm.graph)[-1]):
             mask_node = gm.graph.get_attr("compressed_causal_mask")
     for node in nodes:
