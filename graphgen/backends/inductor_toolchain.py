@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 import threading
 
 _children: list[int] = []
@@ -75,9 +76,10 @@ def build_headers(configs: dict) -> None:
 
 def start_warmup(configs: dict) -> None:
     """Fork the warm-up process (see the module docstring); returns at once. Skipped once one has
-    finished cleanly in this process, and where there is no fork."""
+    finished cleanly in this process, and off Linux (a fork once system frameworks have started is
+    not safe everywhere: macOS)."""
     _reap()
-    if _ready or not hasattr(os, "fork"):
+    if _ready or not sys.platform.startswith("linux"):
         return
     pid = os.fork()
     if pid == 0:  # the child: nothing of the parent's runs here, and it leaves through os._exit
