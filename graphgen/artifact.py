@@ -106,12 +106,12 @@ class _BackgroundCheck:
     def _run(self, paths: list[tuple[Path, str]], rebuild: str) -> None:
         for path, digest in paths:
             try:
-                ok = sha256_file(path) == digest
+                _verify_file(path, digest, rebuild)
+            except ArtifactError as e:
+                self.error = e
+                return
             except OSError as e:
                 self.error = ArtifactError(f"{path}: cannot be read for its checksum ({e}); {rebuild}")
-                return
-            if not ok:
-                self.error = ArtifactError(f"{path}: checksum mismatch (file changed or corrupt); {rebuild}")
                 return
 
     def result(self) -> None:
@@ -151,6 +151,11 @@ def write_manifest(root: Path, data: dict[str, Any]) -> Manifest:
     return Manifest(root=root, data=data)
 
 
+def _verify_file(path: Path, digest: str, rebuild: str) -> None:
+    if sha256_file(path) != digest:
+        raise ArtifactError(f"{path}: checksum mismatch (file changed or corrupt); {rebuild}")
+
+
 def read_manifest(root: str | Path, *, verify: bool = True, weights_later: bool = False) -> Manifest:
     """Load and check an artifact's manifest. verify=True also checks every file's sha256.
     weights_later=True checks the .safetensors files (data, read by graphgen's own checked
@@ -181,8 +186,8 @@ def read_manifest(root: str | Path, *, verify: bool = True, weights_later: bool 
             raise ArtifactError(f"{path}: listed in the manifest but missing; {rebuild}")
         if verify and weights_later and path.suffix == ".safetensors":
             later.append((path, digest))
-        elif verify and sha256_file(path) != digest:
-            raise ArtifactError(f"{path}: checksum mismatch (file changed or corrupt); {rebuild}")
+        elif verify:
+            _verify_file(path, digest, rebuild)
     for phase, graph in data["graphs"].items():
         if graph["file"] not in data["files"]:
             raise ArtifactError(f"{mpath}: graph '{phase}' file {graph['file']} is not in the artifact; {rebuild}")

@@ -95,6 +95,15 @@ def _num_layers(model: torch.nn.Module) -> int:
     return int(config.num_hidden_layers)
 
 
+def _random_tokens(model: torch.nn.Module, batch: int, seq: int, gen: torch.Generator):
+    """(input_ids, position_ids), both (batch, seq), on the model's device; ids drawn on the CPU
+    from `gen`, so a seed gives the same tokens on any device."""
+    embeddings = model.get_input_embeddings()
+    vocab, device = int(embeddings.num_embeddings), embeddings.weight.device
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
+    return ids, torch.arange(seq, device=device).unsqueeze(0).expand(batch, seq).contiguous()
+
+
 def capture(
     model: torch.nn.Module,
     *,
@@ -122,10 +131,7 @@ def capture(
     # Example sizes must not be 0/1 (export specializes on them) and must sit inside the ranges.
     eb = max(2, min(example_batch, max_batch))
     es = max(2, min(example_seq_len, max_seq_len))
-    embeddings = model.get_input_embeddings()
-    vocab, device = int(embeddings.num_embeddings), embeddings.weight.device
-    input_ids = torch.randint(0, vocab, (eb, es), generator=torch.Generator().manual_seed(0)).to(device)
-    position_ids = torch.arange(es, device=device).unsqueeze(0).expand(eb, es).contiguous()
+    input_ids, position_ids = _random_tokens(model, eb, es, torch.Generator().manual_seed(0))
     batch = Dim("batch", min=1, max=max(max_batch, 2))
     seq = Dim("seq", min=1, max=max(max_seq_len, 2))
     shapes = {"input_ids": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq}}
@@ -176,14 +182,11 @@ def max_abs_error_vs_eager(
     """Run the exported program and the HF model with `reference` attention on random tokens of
     each (batch, seq) size; return the largest |logits difference| (fp32: expect ~1e-6)."""
     gen = torch.Generator().manual_seed(seed)
-    embeddings = model.get_input_embeddings()
-    vocab, device = int(embeddings.num_embeddings), embeddings.weight.device
     module = ep.module()
     worst = 0.0
     with torch.no_grad(), attn_implementation(model, reference):
         for b, s in sizes:
-            ids = torch.randint(0, vocab, (b, s), generator=gen).to(device)
-            pos = torch.arange(s, device=device).unsqueeze(0).expand(b, s).contiguous()
+            ids, pos = _random_tokens(model, b, s, gen)
             got = module(ids, pos)
             want = model(input_ids=ids, position_ids=pos, use_cache=False).logits
             worst = max(worst, (got.float() - want.float()).abs().max().item())
