@@ -221,12 +221,22 @@ def verify(
 
 
 @app.command()
-def doctor(recipe: Optional[Path] = typer.Argument(None, help="recipe whose target to check")) -> None:
+def doctor(
+    recipe: Optional[Path] = typer.Argument(None, help="recipe whose target to check"),
+    build: bool = typer.Option(False, "--build", help="build now what a first CPU compile here would build inside "
+                               "it: graphgen's CPU kernels and torch's precompiled headers (once per machine)"),
+) -> None:
     """What this machine has (torch, transformers, torch_npu, torchair, CANN, devices) and can build."""
-    from .doctor import doctor as run_doctor, print_doctor
+    from .doctor import build_caches, doctor as run_doctor, print_builds, print_doctor
 
     report, code = run_doctor(str(recipe) if recipe else None)
     print_doctor(report, out)
+    if build:
+        with console.status("building graphgen's CPU kernels and torch's precompiled headers (tens of seconds "
+                            "where they are not built yet)"):
+            rows, build_code = build_caches()
+        print_builds(rows, out)
+        code = code or build_code
     raise typer.Exit(code)
 
 

@@ -373,7 +373,7 @@ def compile_recipe(
         return CompileResult(path=out, up_to_date=True, seconds=time.perf_counter() - start)
 
     backend = backend_module(recipe.compile.backend)
-    backend_ready = backend.prepare(device) if hasattr(backend, "prepare") else lambda: None
+    backend_ready = backend.prepare(device, say) if hasattr(backend, "prepare") else lambda: None
     result = CompileResult(path=out, up_to_date=False, seconds=0.0)
     with tempfile.TemporaryDirectory(prefix="graphgen-build-") as work, atomic_dir(out) as root:
         say("load", f"model from {recipe.model.source}")

@@ -1,14 +1,16 @@
 """graphgen doctor: facts, per-target verdicts, exit codes, rendering."""
 import io
+import os
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import yaml
 from rich.console import Console
 
 from graphgen.backends import torchair as tb
-from graphgen.doctor import doctor, print_doctor
+from graphgen.doctor import build_caches, doctor, print_builds, print_doctor
 from graphgen.recipe import DEFAULT_RECIPE_YAML
 
 
@@ -79,3 +81,68 @@ def test_bad_recipe_and_rendering(no_npu, tmp_path):
     print_doctor(report, Console(file=buf, width=120))
     text = buf.getvalue()
     assert "targets on this machine" in text and "graphgen[npu]" in text and "torch_npu" in text
+
+
+def test_build_caches_builds_kernels_beside_headers(monkeypatch, tmp_path):
+    """Kernels (in a thread) and headers are both built; each row says built vs already built and
+    names its files; the exit code is 0."""
+    from graphgen.backends import inductor
+    from graphgen.ops import cpu_kernels
+
+    library, header = tmp_path / "k" / "lib.so", tmp_path / "h.h"
+    monkeypatch.setattr(cpu_kernels, "library_path", lambda: library)
+    monkeypatch.setattr(cpu_kernels, "available", lambda: library.parent.mkdir(exist_ok=True) or library.touch() or True)
+    monkeypatch.setattr(inductor, "build_toolchain", lambda: Path(f"{header}.gch").touch() or [str(header)])
+    rows, code = build_caches()
+    assert code == 0 and [r["ok"] for r in rows] == [True, True]
+    assert rows[0]["detail"] == f"built: {library}" and rows[1]["detail"] == f"built: {header}.gch"
+    os.utime(f"{header}.gch", (0, 0))  # an old header: found, not built
+    monkeypatch.setattr(inductor, "build_toolchain", lambda: [str(header)])
+    rows, code = build_caches()
+    assert code == 0 and rows[0]["detail"].startswith("already built: ") and rows[1]["detail"].startswith("already built: ")
+
+    def broken():
+        raise OSError("cannot write the cache")
+
+    monkeypatch.setattr(cpu_kernels, "available", broken)  # a kernel build that raises is a failed row
+    rows, code = build_caches()
+    assert code == 1 and not rows[0]["ok"] and rows[0]["detail"] == "OSError: cannot write the cache"
+
+
+def test_build_caches_failures(monkeypatch):
+    """A header build that fails is a failure (exit 1, the error named); kernels that cannot be
+    built here are not (compiles keep ATen), and are not attempted."""
+    from graphgen.backends import inductor
+    from graphgen.ops import cpu_kernels
+
+    def fail():
+        raise RuntimeError("g++: not found")
+
+    monkeypatch.setattr(cpu_kernels, "library_path", lambda: None)
+    monkeypatch.setattr(cpu_kernels, "unsupported", lambda: "needs AVX2 (this CPU: DEFAULT)")
+    monkeypatch.setattr(cpu_kernels, "available", lambda: pytest.fail("built where it cannot be"))
+    monkeypatch.setattr(inductor, "build_toolchain", fail)
+    rows, code = build_caches()
+    assert code == 1 and rows[0]["ok"] and "needs AVX2" in rows[0]["detail"]
+    assert not rows[1]["ok"] and rows[1]["detail"] == "RuntimeError: g++: not found"
+    buf = io.StringIO()
+    print_builds(rows, Console(file=buf, width=200))
+    assert "g++: not found" in buf.getvalue() and "per-machine build caches" in buf.getvalue()
+
+
+def test_doctor_build_on_this_machine(no_npu):
+    """The real builds (found, where `make setup` already ran `graphgen doctor --build`), through
+    the command line: the kernel library and both precompiled headers exist afterwards."""
+    from typer.testing import CliRunner
+
+    from graphgen.cli import app
+    from graphgen.ops import cpu_kernels
+
+    result = CliRunner().invoke(app, ["doctor", "--build"])
+    assert result.exit_code == 0, result.output
+    assert "per-machine build caches" in result.output
+    path = cpu_kernels.library_path()
+    assert path is None or path.exists()
+    rows, code = build_caches()
+    assert code == 0 and rows[1]["detail"].startswith("already built: ")
+    assert all(os.path.exists(f) for f in rows[1]["detail"].removeprefix("already built: ").split(", "))

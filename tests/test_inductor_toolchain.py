@@ -79,3 +79,29 @@ def test_a_failed_warmup_is_tried_again(monkeypatch):
     inductor_toolchain.start_warmup({})
     assert len(inductor_toolchain._children) == 1
     os.waitpid(inductor_toolchain._children.pop(), 0)
+
+
+def test_prepare_says_when_this_is_a_first_compile(tmp_path, monkeypatch):
+    """On the CPU, `prepare` starts the warm-up and the kernel build, and says so when the kernels
+    are not built yet (a machine's first compile, which `graphgen doctor --build` avoids)."""
+    from graphgen.ops import cpu_kernels
+
+    started = []
+    monkeypatch.setattr(inductor_toolchain, "start_warmup", lambda configs: started.append("headers"))
+    monkeypatch.setattr(cpu_kernels, "start_build", lambda: started.append("kernels") or _Joinable())
+    library = tmp_path / "lib.so"
+    monkeypatch.setattr(cpu_kernels, "library_path", lambda: library)
+    said = []
+    inductor.prepare(torch.device("cpu"), lambda stage, detail: said.append((stage, detail)))()
+    assert started == ["headers", "kernels"]
+    assert len(said) == 1 and said[0][0] == "prepare" and "graphgen doctor --build" in said[0][1]
+    library.touch()
+    said.clear()
+    inductor.prepare(torch.device("cpu"), lambda stage, detail: said.append((stage, detail)))()
+    assert said == []
+    assert inductor.prepare(torch.device("meta"), pytest.fail)() is None and started == ["headers", "kernels"] * 2
+
+
+class _Joinable:
+    def join(self):
+        return None

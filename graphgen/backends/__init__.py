@@ -4,8 +4,9 @@ Each backend module has `FORMAT`, `save(ep, path)` and `load(path, constants) ->
 callable takes the graph's inputs positionally (manifest order) and returns the logits.
 `constants` maps the graph's parameter/buffer names to tensors, so weights live once in the
 artifact's HF checkpoint rather than inside every graph. A backend may also have
-`prepare(device) -> wait`: the compiler calls it before loading the model, and `wait()` before the
-first graph compiles, so one-time setup overlaps the model's load and export.
+`prepare(device, say) -> wait`: the compiler calls it before loading the model (`say(stage, detail)`
+reports progress), and `wait()` before the first graph compiles, so one-time setup overlaps the
+model's load and export.
 """
 from __future__ import annotations
 

@@ -38,7 +38,9 @@ def save(ep: torch.export.ExportedProgram, path: Path) -> list[str]:
     gm = ep.module(check_guards=False)
     inline_serving_forms(gm)
     args, kwargs = ep.example_inputs
-    files = torch._inductor.aot_compile(gm, args, kwargs, options=_package_configs())
+    with warnings.catch_warnings():  # torch's own deep copy of a pytree spec trips its own deprecation
+        warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+        files = torch._inductor.aot_compile(gm, args, kwargs, options=_package_configs())
     package_aoti(str(path), files)
     return list(_loader(path).get_constant_fqns())
 
@@ -48,16 +50,28 @@ def _loader(path: Path):
     return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
 
 
-def prepare(device: torch.device) -> Callable[[], None]:
+def prepare(device: torch.device, say: Callable[[str, str], None] | None = None) -> Callable[[], None]:
     """Start, in the background, what every graph's compile needs once, all built on a machine's
     first compile: on the CPU, torch's precompiled headers (a forked process, which the compile
     waits for only through Inductor's own file locks; inductor_toolchain.py) and graphgen's kernel
     library. Returns the wait for the library, which the compiler calls before the first graph
-    compiles (so forked workers inherit the loaded library instead of each building it)."""
+    compiles (so forked workers inherit the loaded library instead of each building it). Says so
+    through `say(stage, detail)` when the library has to be built."""
     if device.type != "cpu":
         return lambda: None
+    library = cpu_kernels.library_path()
+    if say is not None and library is not None and not library.exists():
+        say("prepare", "first compile with this torch here: building graphgen's CPU kernels and torch's precompiled "
+                       "headers (once; `graphgen doctor --build` builds them ahead of a compile)")
     inductor_toolchain.start_warmup(_package_configs(with_kernels=False))
     return cpu_kernels.start_build().join
+
+
+def build_toolchain() -> list[str]:
+    """Build (or find) torch's precompiled headers for this backend's CPU compiles now, in this
+    process; returns their paths. What `prepare` starts in the background, for `graphgen doctor
+    --build` (a machine set up ahead of its first compile)."""
+    return inductor_toolchain.build_headers(_package_configs(with_kernels=False))
 
 
 def _package_configs(with_kernels: bool = True) -> dict:

@@ -51,16 +51,18 @@ def aoti_header_builds(configs: dict) -> list[tuple[str, str, dict]]:
         return builds
 
 
-def build_headers(configs: dict) -> None:
-    """Build (or find) the precompiled headers of `aoti_header_builds(configs)`, in parallel."""
+def build_headers(configs: dict) -> list[str]:
+    """Build (or find) the precompiled headers of `aoti_header_builds(configs)`, in parallel;
+    returns their paths (each `<path>.gch` beside it, for g++)."""
     from torch._inductor import config
     from torch._inductor.codecache import _precompile_header
 
     failures: list[BaseException] = []
+    paths: list[str] = []
 
     def build(header: str, cmd_line: str, kwargs: dict) -> None:
         try:
-            _precompile_header(header, cmd_line, **kwargs)
+            paths.append(_precompile_header(header, cmd_line, **kwargs))
         except BaseException as e:  # reported through the exit status; the compile builds its own
             failures.append(e)
 
@@ -72,6 +74,7 @@ def build_headers(configs: dict) -> None:
             thread.join()
     if failures:
         raise failures[0]
+    return sorted(paths)
 
 
 def start_warmup(configs: dict) -> None:

@@ -122,7 +122,7 @@ def _library() -> ctypes.CDLL | None:
 
 
 def _load() -> ctypes.CDLL | None:
-    why = _unsupported()
+    why = unsupported()
     if why is None:
         try:
             lib = ctypes.CDLL(str(_build()), mode=ctypes.RTLD_GLOBAL)  # global: compiled graphs resolve the shims
@@ -141,7 +141,8 @@ def _load() -> ctypes.CDLL | None:
     return lib
 
 
-def _unsupported() -> str | None:
+def unsupported() -> str | None:
+    """Why the library cannot be built here, or None where it can."""
     if not sys.platform.startswith("linux"):
         return f"built on Linux only (this is {sys.platform})"
     capability = torch.backends.cpu.get_cpu_capability()
@@ -152,19 +153,28 @@ def _unsupported() -> str | None:
     return None
 
 
+def library_path() -> Path | None:
+    """Where the library for these sources, this torch and this compiler lives in the cache (built
+    or not); None where it cannot be built here."""
+    if unsupported() is not None:
+        return None
+    torch_dir = Path(torch.__file__).parent
+    texts = [(CSRC / name).read_text() for name in (*SOURCES, *HEADERS)]
+    key = hashlib.sha256("\0".join([*texts, torch.__version__, str(torch_dir), _compiler(), *FLAGS]).encode())
+    return cache_dir() / "kernels" / key.hexdigest()[:16] / LIBRARY
+
+
 def _build() -> Path:
     """The library for these sources, torch and compiler: from the cache, else built into it. One
     process builds while others wait on a lock file (the compiler's forked workers, parallel test
     runs); the sources compile in parallel, then link."""
     torch_dir = Path(torch.__file__).parent
     cxx = _compiler()
-    texts = [(CSRC / name).read_text() for name in (*SOURCES, *HEADERS)]
-    key = hashlib.sha256("\0".join([*texts, torch.__version__, str(torch_dir), cxx, *FLAGS]).encode()).hexdigest()[:16]
-    out = cache_dir() / "kernels" / key / LIBRARY
+    out = library_path()
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    import fcntl  # POSIX only; builds happen on Linux only (`_unsupported`), the module imports anywhere
+    import fcntl  # POSIX only; builds happen on Linux only (`unsupported`), the module imports anywhere
 
     with open(out.parent / "build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
