@@ -15,7 +15,7 @@ needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX2 o
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16])  # 1-4: the GEMV path; more: oneDNN inside the shim
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 15, 16, 17, 40])  # 1-4: GEMV; 5-16: bands (pairs + a tail row); more: oneDNN
 @pytest.mark.parametrize("n,k", [(37, 771), (8, 16), (2048, 768), (3, 5)])  # ragged N (R rows at a time) and K (8 lanes)
 def test_matches_linear(rows, n, k):
     gen = torch.Generator().manual_seed(rows * 1000 + n + k)
@@ -26,7 +26,7 @@ def test_matches_linear(rows, n, k):
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 3, 4, 7])
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 16, 17])  # 17: ATen's mm
 @pytest.mark.parametrize("n,k", [(37, 771), (2048, 768)])
 def test_bf16_matches_fp32_accumulation_rounded(rows, n, k):
     gen = torch.Generator().manual_seed(rows + n + k)
@@ -53,6 +53,8 @@ def test_leading_dims_and_strided_operands():
     x = torch.randn(2, 1, 64, generator=gen)  # decode's (B, S=1, H)
     w = torch.randn(24, 64, generator=gen)
     torch.testing.assert_close(torch.ops.graphgen.gemv_linear(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
+    x = torch.randn(3, 5, 64, generator=gen)  # 15 rows through leading dims: the band path
+    torch.testing.assert_close(torch.ops.graphgen.gemv_linear(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
     xs = torch.randn(3, 128, generator=gen)[:, ::2]  # strided: the shim hands it to oneDNN
     wt = torch.randn(64, 24, generator=gen).T  # a transposed weight too
     torch.testing.assert_close(torch.ops.graphgen.gemv_linear(xs, wt), xs @ wt.T, rtol=1e-5, atol=1e-5)
@@ -76,13 +78,15 @@ def test_fake_kernel_gives_the_output_shape():
 @needs_kernel
 def test_thread_count_does_not_change_results():
     gen = torch.Generator().manual_seed(1)
-    x, w = torch.randn(1, 256, generator=gen), torch.randn(300, 256, generator=gen)
-    try:
-        cpu_kernels.set_num_threads(1)
-        one = torch.ops.graphgen.gemv_linear(x, w)
-    finally:
-        cpu_kernels.set_num_threads(torch.get_num_threads())
-    assert torch.equal(one, torch.ops.graphgen.gemv_linear(x, w))  # each output is one thread's sum
+    w = torch.randn(300, 256, generator=gen)
+    for rows in (1, 11):  # the GEMV and the band path
+        x = torch.randn(rows, 256, generator=gen)
+        try:
+            cpu_kernels.set_num_threads(1)
+            one = torch.ops.graphgen.gemv_linear(x, w)
+        finally:
+            cpu_kernels.set_num_threads(torch.get_num_threads())
+        assert torch.equal(one, torch.ops.graphgen.gemv_linear(x, w))  # each output is one thread's sum
 
 
 @needs_kernel

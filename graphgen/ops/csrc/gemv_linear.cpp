@@ -5,8 +5,10 @@
 // the weights stream from memory. MKL's sgemv runs that on one thread on the AVX2 AMD machines
 // this project runs on, oneDNN's inner product reaches ~65% of a plain streaming read; here each
 // thread reads its own contiguous band of weight rows once, R rows at a time, for all M rows of x
-// (docs/performance.md has the measurements). Other shapes (M > 4, strided operands) go to
-// oneDNN's inner product through its own shim, so the op is correct for every input.
+// (docs/performance.md has the measurements). 5-16 rows (decode at larger batches) run the same
+// blocks over bands of weight rows (`gemm_rows`). Other shapes (more rows: prefill; strided
+// operands) go to oneDNN's inner product (fp32) or ATen's mm (bf16), so the op is correct for
+// every input.
 #include <torch/csrc/inductor/aoti_torch/c/shim_cpu.h>
 #include <torch/csrc/inductor/aoti_torch/generated/c_shim_cpu.h>
 
@@ -18,6 +20,9 @@
 using namespace graphgen;
 
 namespace {
+
+// The most rows of x this kernel takes; more (prefill) go to oneDNN, whose blocking suits large GEMMs.
+constexpr int64_t kMaxRows = 16;
 
 // y[m, n0 + r] = sum_k x[m, k] * w[n0 + r, k] for m < M, r < R, accumulated in fp32: the R weight
 // rows are read once for all M rows of x.
@@ -101,23 +106,46 @@ void permute16(const uint16_t* x, float* out, int64_t rows, int64_t K) {
   }
 }
 
+template <typename T, int M, int R>
+inline void tile(const float* x, const T* w, T* y, int64_t n0, int64_t N, int64_t K) {
+  if constexpr (std::is_same_v<T, float>)
+    block<M, R>(x, w, y, n0, N, K);
+  else
+    block_bf16<M, R>(x, w, y, n0, N, K);
+}
+
 template <typename T, int M>
 void gemv(const float* x, const T* w, T* y, int64_t N, int64_t K) {
   constexpr int R = M == 1 ? 8 : (M == 2 ? 4 : 2);  // accumulators + loads fit the 16 ymm registers
   const int64_t full = N / R * R;
 #pragma omp parallel for schedule(static) num_threads(threads())
-  for (int64_t n = 0; n < full; n += R) {
-    if constexpr (std::is_same_v<T, float>)
-      block<M, R>(x, w, y, n, N, K);
-    else
-      block_bf16<M, R>(x, w, y, n, N, K);
+  for (int64_t n = 0; n < full; n += R) tile<T, M, R>(x, w, y, n, N, K);
+  for (int64_t n = full; n < N; ++n) tile<T, M, 1>(x, w, y, n, N, K);
+}
+
+// R weight rows from n0 times every row of x, 2 rows of x at a time: the R rows come from memory
+// once and stay in L1 while each pair of x's rows (in L2) runs over them.
+template <typename T, int R>
+inline void band(const float* x, const T* w, T* y, int64_t rows, int64_t n0, int64_t N, int64_t K) {
+  int64_t m = 0;
+  for (; m + 2 <= rows; m += 2) tile<T, 2, R>(x + m * K, w, y + m * N, n0, N, K);
+  switch (rows - m) {
+    case 1: tile<T, 1, R>(x + m * K, w, y + m * N, n0, N, K); break;
+    default: break;
   }
-  for (int64_t n = full; n < N; ++n) {
-    if constexpr (std::is_same_v<T, float>)
-      block<M, 1>(x, w, y, n, N, K);
-    else
-      block_bf16<M, 1>(x, w, y, n, N, K);
-  }
+}
+
+// 5 to kMaxRows rows of x (decode at batch 5-16): compute-bound rather than bandwidth-bound, where
+// oneDNN's inner product reaches ~25-40 GFLOPS on a 125M model's shapes here. Bands of 4 weight
+// rows, 2 rows of x against them (8 accumulators + 4 weight loads + 1 x load in 16 registers;
+// 2 x 4 beat 4 x 2 and 2 x 6 on this machine).
+template <typename T>
+void gemm_rows(const float* x, const T* w, T* y, int64_t rows, int64_t N, int64_t K) {
+  constexpr int R = 4;
+  const int64_t full = N / R * R;
+#pragma omp parallel for schedule(static) num_threads(threads())
+  for (int64_t n = 0; n < full; n += R) band<T, R>(x, w, y, rows, n, N, K);
+  for (int64_t n = full; n < N; ++n) band<T, 1>(x, w, y, rows, n, N, K);
 }
 
 template <typename T>
@@ -138,7 +166,8 @@ void run(const void* xp, const void* wp, void* yp, int64_t rows, int64_t N, int6
     case 1: gemv<T, 1>(xf, w, y, N, K); break;
     case 2: gemv<T, 2>(xf, w, y, N, K); break;
     case 3: gemv<T, 3>(xf, w, y, N, K); break;
-    default: gemv<T, 4>(xf, w, y, N, K); break;
+    case 4: gemv<T, 4>(xf, w, y, N, K); break;
+    default: gemm_rows<T>(xf, w, y, rows, N, K); break;
   }
 }
 
@@ -208,7 +237,7 @@ AOTITorchError aoti_torch_cpu_gemv_linear(AtenTensorHandle x, AtenTensorHandle w
   int64_t rows = 1;
   for (int64_t i = 0; i + 1 < xdim; ++i) rows *= xs[i];
   const int64_t N = ws[0], K = ws[1];
-  const bool fast = rows >= 1 && rows <= 4 && contiguous(xdim, xs, xst) && contiguous(2, ws, wst);
+  const bool fast = rows >= 1 && rows <= kMaxRows && contiguous(xdim, xs, xst) && contiguous(2, ws, wst);
   if (!fast && f32)  // oneDNN's inner product: faster than MKL's sgemm here when compute-bound
     return aoti_torch_cpu__linear_pointwise(x, weight, nullptr, "none", nullptr, 0, nullptr, ret0);
 
