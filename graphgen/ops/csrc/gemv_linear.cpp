@@ -129,10 +129,7 @@ template <typename T, int R>
 inline void band(const float* x, const T* w, T* y, int64_t rows, int64_t n0, int64_t N, int64_t K) {
   int64_t m = 0;
   for (; m + 2 <= rows; m += 2) tile<T, 2, R>(x + m * K, w, y + m * N, n0, N, K);
-  switch (rows - m) {
-    case 1: tile<T, 1, R>(x + m * K, w, y + m * N, n0, N, K); break;
-    default: break;
-  }
+  if (m < rows) tile<T, 1, R>(x + m * K, w, y + m * N, n0, N, K);  // an odd last row
 }
 
 // 5 to kMaxRows rows of x (decode at batch 5-16): compute-bound rather than bandwidth-bound, where
