@@ -107,7 +107,8 @@ def build_caches() -> tuple[list[dict[str, Any]], int]:
         made = any(os.path.getmtime(f) >= wall_start - 1 for f in built)  # file times trail the clock a little
         header_row["detail"] = ("built: " if made else "already built: ") + ", ".join(built)
     except Exception as e:  # noqa: BLE001  (g++ missing or failing: reported, the exit code says so)
-        header_row.update(ok=False, detail=f"{type(e).__name__}: {e}")
+        header_row.update(ok=False, detail=f"{type(e).__name__}: {e} (torch's Inductor compiles C++ here: install "
+                                            "g++, or point CXX at a working C++ compiler)")
     header_row["seconds"] = time.perf_counter() - start
     if kernels is not None:
         thread.join()

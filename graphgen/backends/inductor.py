@@ -61,8 +61,8 @@ def prepare(device: torch.device, say: Callable[[str, str], None] | None = None)
         return lambda: None
     library = cpu_kernels.library_path()
     if say is not None and library is not None and not library.exists():
-        say("prepare", "first compile with this torch here: building graphgen's CPU kernels and torch's precompiled "
-                       "headers (once; `graphgen doctor --build` builds them ahead of a compile)")
+        say("prepare", "first compile with this torch here: building graphgen's CPU kernels (once; `graphgen doctor "
+                       "--build` builds them and torch's precompiled headers ahead of a compile)")
     inductor_toolchain.start_warmup(_package_configs(with_kernels=False))
     return cpu_kernels.start_build().join
 
