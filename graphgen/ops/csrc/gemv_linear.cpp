@@ -5,8 +5,9 @@
 // the weights stream from memory. MKL's sgemv runs that on one thread on the AVX2 AMD machines
 // this project runs on, oneDNN's inner product reaches ~65% of a plain streaming read; here each
 // thread reads its own contiguous band of weight rows once, R rows at a time, for all M rows of x
-// (docs/performance.md has the measurements). 5-16 rows (decode at larger batches) run the same
-// blocks over bands of weight rows (`gemm_rows`). Other shapes (more rows: prefill; strided
+// (docs/performance.md has the measurements). 4-16 fp32 rows and 5-16 bf16 rows (decode at
+// larger batches, compute-bound) run blocks of several x rows over bands of weight rows kept in L1
+// (`gemm_rows_f32`, `gemm_rows`). Other shapes (more rows: prefill; strided
 // operands) go to oneDNN's inner product (fp32) or ATen's mm (bf16), so the op is correct for
 // every input.
 #include <torch/csrc/inductor/aoti_torch/c/shim_cpu.h>
@@ -132,10 +133,8 @@ inline void band(const float* x, const T* w, T* y, int64_t rows, int64_t n0, int
   if (m < rows) tile<T, 1, R>(x + m * K, w, y + m * N, n0, N, K);  // an odd last row
 }
 
-// 5 to kMaxRows rows of x (decode at batch 5-16): compute-bound rather than bandwidth-bound, where
-// oneDNN's inner product reaches ~25-40 GFLOPS on a 125M model's shapes here. Bands of 4 weight
-// rows, 2 rows of x against them (8 accumulators + 4 weight loads + 1 x load in 16 registers;
-// 2 x 4 beat 4 x 2 and 2 x 6 on this machine).
+// 5 to kMaxRows rows of x in bf16 (decode at batch 5-16): bands of 4 weight rows, 2 rows of x
+// against them (8 accumulators + 8 weight halves + 2 x loads: 4 x-rows would spill).
 template <typename T>
 void gemm_rows(const float* x, const T* w, T* y, int64_t rows, int64_t N, int64_t K) {
   constexpr int R = 4;
@@ -143,6 +142,46 @@ void gemm_rows(const float* x, const T* w, T* y, int64_t rows, int64_t N, int64_
 #pragma omp parallel for schedule(static) num_threads(threads())
   for (int64_t n = 0; n < full; n += R) band<T, R>(x, w, y, rows, n, N, K);
   for (int64_t n = full; n < N; ++n) band<T, 1>(x, w, y, rows, n, N, K);
+}
+
+// R fp32 weight rows from n0 times every row of x, 4 rows of x at a time (12 accumulators + 3
+// weight loads + 1 x load fill the 16 registers; 4 x 3 beat 2 x 4, 3 x 4 and 3 x 3 in L1 here).
+// Each pass over the band also prefetches a slice of `ahead` (the band kAheadBands after this one),
+// so its weights are in L1 before the first pass over it: without that, that pass waits on memory
+// and the whole step ran at ~50 GFLOPS instead of ~80-90.
+template <int R>
+inline void band_f32(const float* x, const float* w, float* y, int64_t rows, int64_t n0, int64_t N, int64_t K,
+                     const char* ahead, int64_t ahead_bytes) {
+  const int64_t per_pass = (ahead_bytes / 64 + (rows + 3) / 4 - 1) / ((rows + 3) / 4);  // cache lines
+  int64_t fetched = 0;
+  auto prefetch = [&] {
+    for (int64_t i = 0; i < per_pass && fetched < ahead_bytes; ++i, fetched += 64) _mm_prefetch(ahead + fetched, _MM_HINT_T0);
+  };
+  int64_t m = 0;
+  for (; m + 4 <= rows; m += 4) {
+    prefetch();
+    block<4, R>(x + m * K, w, y + m * N, n0, N, K);
+  }
+  prefetch();
+  if (rows - m == 3) block<3, R>(x + m * K, w, y + m * N, n0, N, K);
+  if (rows - m == 2) block<2, R>(x + m * K, w, y + m * N, n0, N, K);
+  if (rows - m == 1) block<1, R>(x + m * K, w, y + m * N, n0, N, K);
+}
+
+// 4 to kMaxRows rows of x in fp32 (decode at batch 4-16): compute-bound rather than
+// bandwidth-bound, where oneDNN's inner product reaches ~25-40 GFLOPS on a 125M model's shapes
+// here. Bands of 3 weight rows, each prefetched two bands ahead (`band_f32`).
+void gemm_rows_f32(const float* x, const float* w, float* y, int64_t rows, int64_t N, int64_t K) {
+  constexpr int R = 3;
+  constexpr int64_t kAheadBands = 2;  // 1 and 8 were slower, 2-4 alike
+  const int64_t full = N / R * R;
+#pragma omp parallel for schedule(static) num_threads(threads())
+  for (int64_t n = 0; n < full; n += R) {
+    const int64_t ahead = n + kAheadBands * R;
+    band_f32<R>(x, w, y, rows, n, N, K, reinterpret_cast<const char*>(w + ahead * K),
+                ahead + R <= full ? R * K * static_cast<int64_t>(sizeof(float)) : 0);
+  }
+  for (int64_t n = full; n < N; ++n) band_f32<1>(x, w, y, rows, n, N, K, nullptr, 0);
 }
 
 template <typename T>
@@ -159,6 +198,9 @@ void run(const void* xp, const void* wp, void* yp, int64_t rows, int64_t N, int6
   }
   const T* w = static_cast<const T*>(wp);
   T* y = static_cast<T*>(yp);
+  if constexpr (std::is_same_v<T, float>) {
+    if (rows >= 4) return gemm_rows_f32(xf, w, y, rows, N, K);  // at 4 rows ~15% faster than gemv<4>
+  }
   switch (rows) {
     case 1: gemv<T, 1>(xf, w, y, N, K); break;
     case 2: gemv<T, 2>(xf, w, y, N, K); break;
