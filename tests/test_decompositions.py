@@ -95,7 +95,10 @@ def test_paged_decode_ifa_call_is_replaced_by_aten_with_the_same_result(layout):
     assert expected.reshape(b, -1)[2].abs().max() == 0
 
 
-def test_packed_causal_pfa_call_is_replaced_by_aten_with_the_same_result():
+@pytest.mark.parametrize("sparse_mode,pre_tokens", [(3, 2147483647), (4, 2)])
+def test_packed_causal_pfa_call_is_replaced_with_the_same_result(sparse_mode, pre_tokens):
+    """Causal (mode 3): graphgen's per-sequence kernel where it is built; a band (mode 4 with
+    pre_tokens) and builds without the kernels: one masked ATen attention."""
     torch.manual_seed(0)
     n, nkv, d, t = 4, 2, 16, 11
     q, k, v = torch.randn(t, n, d), torch.randn(t, nkv, d), torch.randn(t, nkv, d)
@@ -106,11 +109,14 @@ def test_packed_causal_pfa_call_is_replaced_by_aten_with_the_same_result():
         def forward(self, q, k, v, ends, mask):
             return pfa.tensor_lengths(q, k, v, atten_mask=mask, actual_seq_lengths=ends, actual_seq_lengths_kv=ends,
                                       num_heads=n, num_key_value_heads=nkv, scale_value=d ** -0.5,
-                                      input_layout="TND", sparse_mode=3)
+                                      input_layout="TND", sparse_mode=sparse_mode, pre_tokens=pre_tokens,
+                                      next_tokens=0)
 
     args = (q, k, v, ends, mask)
     decomposed = _serving(torch.export.export(Prefill(), args), 1)
-    assert not any("graphgen" in t for t in _targets(decomposed))
+    kernel = cpu_kernels.available() and sparse_mode == 3
+    graphgen_ops = [t for t in _targets(decomposed) if "graphgen" in t]
+    assert graphgen_ops == (["graphgen.packed_causal_attention.default"] if kernel else [])
     torch.testing.assert_close(decomposed.module()(*args), Prefill()(*args), rtol=1e-5, atol=1e-5)
 
 

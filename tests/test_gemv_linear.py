@@ -39,6 +39,18 @@ def test_bf16_matches_fp32_accumulation_rounded(rows, n, k):
 
 
 @needs_kernel
+def test_bf16_mm_path_reads_operands_that_start_inside_their_storage():
+    """Contiguous slices with a storage offset (a prefill's rows past the first): the mm path views
+    them in place, with their own offset counted once."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(60, 64, generator=gen).bfloat16()[10:]  # 50 rows: past the kernel's 16
+    w = torch.randn(40, 64, generator=gen).bfloat16()[8:]
+    assert x.is_contiguous() and x.storage_offset() and w.storage_offset()
+    y = torch.ops.graphgen.gemv_linear(x, w)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x.float(), w.float()).bfloat16(), rtol=8e-3, atol=1e-2)
+
+
+@needs_kernel
 def test_bf16_strided_operands_take_the_mm_path():
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2, 96, generator=gen).bfloat16()[:, ::2]

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("gemv_linear.cpp", "paged_decode.cpp")
+SOURCES = ("gemv_linear.cpp", "packed_causal.cpp", "paged_decode.cpp")
 HEADERS = ("kernels.h",)
 LIBRARY = "libgraphgen_cpu.so"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-std=c++17"]
@@ -43,6 +43,10 @@ SHIMS: dict[str, tuple[str, str]] = {
                                "AtenTensorHandle key_cache, AtenTensorHandle value_cache, "
                                "AtenTensorHandle block_table, AtenTensorHandle seq_lens, double scale, "
                                "AtenTensorHandle* ret0)"),
+    "packed_causal_attention": ("aoti_torch_cpu_packed_causal_attention",
+                                "AOTITorchError aoti_torch_cpu_packed_causal_attention(AtenTensorHandle query, "
+                                "AtenTensorHandle key, AtenTensorHandle value, AtenTensorHandle cu_seq_lens, "
+                                "double scale, AtenTensorHandle* ret0)"),
 }
 
 

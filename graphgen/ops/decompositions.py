@@ -13,7 +13,10 @@ these decompositions so the whole step is compiled code:
   Same math as `_core.attend`.
 - `npu_prompt_flash_attention.tensor_lengths` on packed TND tokens with sparse_mode 3/4 and one
   lengths tensor for queries and keys (the prefill graph's call): causal (and banded) attention
-  within each packed sequence, through `scaled_dot_product_attention` with a boolean mask.
+  within each packed sequence: on the CPU, for fp32 and bf16 without a band, graphgen's kernel
+  `graphgen::packed_causal_attention` (ops/packed_causal.py: ATen's flash attention one sequence
+  at a time); elsewhere one `scaled_dot_product_attention` over all tokens with a block-diagonal
+  boolean mask, inlined.
 
 - `aten.linear` in fp32 or bf16 on CPU: `graphgen::gemv_linear` (ops/gemv_linear.py), whose C
   shim the compiled graph calls directly: an AVX2 GEMV for decode's 1-4 rows, the same blocks
@@ -31,12 +34,11 @@ by the compiled code and by the kernel.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import cpu_kernels
+from . import packed_causal as packed_causal_op
 from . import paged_decode as paged_decode_op
 from ._checks import known_true
-from ._core import compute_dtype
 
 IFA = torch.ops.graphgen.npu_incre_flash_attention.tensor_lengths
 PFA = torch.ops.graphgen.npu_prompt_flash_attention.tensor_lengths
@@ -102,22 +104,9 @@ def packed_causal(query, key, value, cu_seq_lens, *, num_heads: int, num_kv_head
     """query (T, N, D), key/value (T, Nkv, D) packed, cu_seq_lens (K,) cumulative ends: token i sees
     token j of its own sequence when j <= i (and i - j <= pre_tokens) -> (T, N, D); tokens past the
     last end are zero."""
-    t, _, d = query.shape
-    ct = compute_dtype(query)
-    pos = torch.arange(t, device=query.device)
-    ends = cu_seq_lens.to(torch.int64)
-    seg = torch.searchsorted(ends, pos, right=True)  # sequence of each token (K past the end)
-    i, j = pos.view(t, 1), pos.view(1, t)
-    mask = (seg.view(t, 1) == seg.view(1, t)) & (j <= i)
-    if pre_tokens is not None:
-        mask = mask & (i - j <= pre_tokens)
-    g = num_heads // num_kv_heads
-    q = query.to(ct).transpose(0, 1).unsqueeze(0)  # (1, N, T, D)
-    k = key.to(ct).transpose(0, 1).repeat_interleave(g, dim=0).unsqueeze(0)
-    v = value.to(ct).transpose(0, 1).repeat_interleave(g, dim=0).unsqueeze(0)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)[0].transpose(0, 1)
-    inside = (seg < ends.shape[0]).view(t, 1, 1)
-    return torch.where(inside, out, torch.zeros_like(out)).to(query.dtype)
+    if pre_tokens is None and packed_causal_op.kernel_runs(query):
+        return torch.ops.graphgen.packed_causal_attention(query, key, value, cu_seq_lens, scale)
+    return packed_causal_op.masked_packed_causal(query, key, value, cu_seq_lens, scale=scale, pre_tokens=pre_tokens)
 
 
 def _pfa(query, key, value, **kw):

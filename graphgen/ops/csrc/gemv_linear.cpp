@@ -237,14 +237,12 @@ AOTITorchError bf16_mm(AtenTensorHandle x, int64_t xdim, const int64_t* xs, cons
   AOTITorchError err = AOTI_TORCH_SUCCESS;
   AtenTensorHandle xc = x, wc = w;
   if ((err = dense(x, xdim, xs, xst, 0, &xc)) || (err = dense(w, 2, ws, wst, 1, &wc))) return finish(err);
-  int64_t x_off = 0, w_off = 0;
-  if ((err = aoti_torch_get_storage_offset(xc, &x_off)) || (err = aoti_torch_get_storage_offset(wc, &w_off)))
-    return finish(err);
   const int64_t x2_sizes[2] = {rows, K}, x2_strides[2] = {K, 1};
   const int64_t wt_sizes[2] = {K, N}, wt_strides[2] = {1, K};
   const int64_t y2_sizes[2] = {rows, N}, y2_strides[2] = {N, 1};
-  if ((err = aoti_torch__reinterpret_tensor(xc, 2, x2_sizes, x2_strides, x_off, &owned[2])) ||
-      (err = aoti_torch__reinterpret_tensor(wc, 2, wt_sizes, wt_strides, w_off, &owned[3])) ||
+  // Views of xc, wc and out themselves: the offset argument is added to each one's own offset.
+  if ((err = aoti_torch__reinterpret_tensor(xc, 2, x2_sizes, x2_strides, 0, &owned[2])) ||
+      (err = aoti_torch__reinterpret_tensor(wc, 2, wt_sizes, wt_strides, 0, &owned[3])) ||
       (err = aoti_torch__reinterpret_tensor(out, 2, y2_sizes, y2_strides, 0, &owned[4])))
     return finish(err);
   return finish(aoti_torch_cpu_mm_out(owned[4], owned[2], owned[3]));
