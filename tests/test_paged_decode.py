@@ -41,6 +41,8 @@ CASES = [  # b, n, nkv, d, block_size, lens
     (3, 8, 2, 17, 4, [37, 1, 0]),  # ragged D, a one-token row and an empty one
     (2, 4, 4, 128, 128, [130, 255]),  # MHA, NPU-sized blocks
     (4, 6, 1, 32, 16, [16, 17, 5, 48]),  # MQA, lengths on and just past block edges
+    (2, 10, 2, 48, 16, [33, 7]),  # 5 heads per KV head (a group of 3, then 2), D not a multiple of 32
+    (1, 4, 2, 64, 16, [70]),  # 2 heads per KV head
 ]
 
 

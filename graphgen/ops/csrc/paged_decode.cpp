@@ -87,66 +87,109 @@ void widen_rows(const T* const* rows, int64_t len, int64_t stride, int64_t D, st
   }
 }
 
-// The 8 horizontal sums of a[0..8) as one vector.
-inline __m256 hsum8(const __m256* a) {
-  const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-  const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-  return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+// The largest of x[0..n), n >= 1.
+inline float max_of(const float* x, int64_t n) {
+  __m256 m = _mm256_set1_ps(x[0]);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  float top = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  for (; i < n; ++i) top = std::max(top, x[i]);
+  return top;
+}
+
+// The 4 horizontal sums of a[0..4) as one 128-bit vector.
+inline __m128 hsum4(const __m256* a) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+// scores[g * len + t] for GC query heads of q (rows of D) against 4 keys from t: 4 GC
+// accumulators, each key row loaded once for all GC heads.
+template <int GC, typename T>
+inline void score4(const float* q, const T* const* rows, int64_t t, int64_t len, int64_t D, float* scores) {
+  __m256 a[GC][4];
+  for (int g = 0; g < GC; ++g)
+    for (int i = 0; i < 4; ++i) a[g][i] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    __m256 kv[4];
+    for (int i = 0; i < 4; ++i) kv[i] = load8(rows[t + i] + d);
+    for (int g = 0; g < GC; ++g) {
+      const __m256 qv = _mm256_loadu_ps(q + g * D + d);
+      for (int i = 0; i < 4; ++i) a[g][i] = _mm256_fmadd_ps(qv, kv[i], a[g][i]);
+    }
+  }
+  for (int g = 0; g < GC; ++g) _mm_storeu_ps(scores + g * len + t, hsum4(a[g]));
 }
 
 // scores[g * len + t] = q_g . rows[t] for G fp32 query rows q (G, D) and len contiguous key rows.
-// Eight keys at a time, each in its own accumulator (no FMA latency chain), rows a few keys
-// ahead requested early (the pool is cold: the weights streamed through the caches since).
+// Four keys at a time against up to 3 heads (12 accumulators: no FMA latency chain), rows a few
+// keys ahead requested early (the pool is cold: the weights streamed through the caches since).
 template <typename T>
 void score(const float* q, const T* const* rows, int64_t len, int64_t G, int64_t D, float* scores) {
   int64_t t = 0;
   const int64_t bytes = D * sizeof(T);
   for (int64_t i = 0; i < std::min<int64_t>(16, len); ++i) prefetch_row(rows[i], bytes);
   if (D % 8 == 0)
-    for (; t + 8 <= len; t += 8) {
-      for (int64_t i = t + 16; i < std::min(t + 24, len); ++i) prefetch_row(rows[i], bytes);
-      for (int64_t g = 0; g < G; ++g) {
-        __m256 a[8];
-        for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
-        for (int64_t d = 0; d < D; d += 8) {
-          const __m256 qv = _mm256_loadu_ps(q + g * D + d);
-          for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qv, load8(rows[t + i] + d), a[i]);
+    for (; t + 4 <= len; t += 4) {
+      for (int64_t i = t + 16; i < std::min(t + 20, len); ++i) prefetch_row(rows[i], bytes);
+      for (int64_t g = 0; g < G; g += 3) {
+        const float* qg = q + g * D;
+        float* sg = scores + g * len;
+        switch (std::min<int64_t>(3, G - g)) {
+          case 3: score4<3>(qg, rows, t, len, D, sg); break;
+          case 2: score4<2>(qg, rows, t, len, D, sg); break;
+          default: score4<1>(qg, rows, t, len, D, sg); break;
         }
-        _mm256_storeu_ps(scores + g * len + t, hsum8(a));
       }
     }
   for (; t < len; ++t)
     for (int64_t g = 0; g < G; ++g) scores[g * len + t] = dot(q + g * D, rows[t], D);
 }
 
-// out[g] = sum_t p[g * len + t] * rows[t] for G rows of weights p (G, len): per 64 columns,
-// 8 accumulators in registers over all positions.
+// out[g, d0 .. d0 + 32) = sum_t p[g * len + t] * rows[t][d0 .. d0 + 32) for GC heads: 4 GC
+// accumulators, each value row's slice loaded once for all GC heads.
+template <int GC, typename T>
+inline void weigh32(const float* p, const T* const* rows, int64_t len, int64_t d0, int64_t D, float* out,
+                    bool fetch) {
+  __m256 a[GC][4];
+  for (int g = 0; g < GC; ++g)
+    for (int i = 0; i < 4; ++i) a[g][i] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < len; ++t) {
+    if (fetch && t + 8 < len) prefetch_row(rows[t + 8], D * sizeof(T));
+    __m256 vv[4];
+    for (int i = 0; i < 4; ++i) vv[i] = load8(rows[t] + d0 + 8 * i);
+    for (int g = 0; g < GC; ++g) {
+      const __m256 pv = _mm256_set1_ps(p[g * len + t]);
+      for (int i = 0; i < 4; ++i) a[g][i] = _mm256_fmadd_ps(pv, vv[i], a[g][i]);
+    }
+  }
+  for (int g = 0; g < GC; ++g)
+    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + g * D + d0 + 8 * i, a[g][i]);
+}
+
+// out[g] = sum_t p[g * len + t] * rows[t] for G rows of weights p (G, len): per 32 columns and up
+// to 3 heads, 12 accumulators in registers over all positions.
 template <typename T>
 void weigh(const float* p, const T* const* rows, int64_t len, int64_t G, int64_t D, float* out) {
   const int64_t bytes = D * sizeof(T);
   for (int64_t i = 0; i < std::min<int64_t>(8, len); ++i) prefetch_row(rows[i], bytes);
-  if (D % 8 != 0) {
+  if (D % 32 != 0) {
     std::fill(out, out + G * D, 0.0f);
     for (int64_t t = 0; t < len; ++t)
       for (int64_t g = 0; g < G; ++g) axpy(p[g * len + t], rows[t], out + g * D, D);
     return;
   }
-  for (int64_t d0 = 0; d0 < D; d0 += 64) {
-    const int64_t nv = std::min<int64_t>(8, (D - d0) / 8);
-    for (int64_t g = 0; g < G; ++g) {
-      __m256 a[8];
-      for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
-      for (int64_t t = 0; t < len; ++t) {
-        if (g == 0 && d0 == 0 && t + 8 < len) prefetch_row(rows[t + 8], bytes);
-        const __m256 pv = _mm256_set1_ps(p[g * len + t]);
-        const T* v = rows[t] + d0;
-#pragma GCC unroll 8
-        for (int i = 0; i < 8; ++i)
-          if (i < nv) a[i] = _mm256_fmadd_ps(pv, load8(v + 8 * i), a[i]);
+  for (int64_t d0 = 0; d0 < D; d0 += 32)
+    for (int64_t g = 0; g < G; g += 3) {
+      const bool fetch = g == 0 && d0 == 0;  // the first pass over the rows brings them in
+      switch (std::min<int64_t>(3, G - g)) {
+        case 3: weigh32<3>(p + g * len, rows, len, d0, D, out + g * D, fetch); break;
+        case 2: weigh32<2>(p + g * len, rows, len, d0, D, out + g * D, fetch); break;
+        default: weigh32<1>(p + g * len, rows, len, d0, D, out + g * D, fetch); break;
       }
-      for (int i = 0; i < nv; ++i) _mm256_storeu_ps(out + g * D + d0 + 8 * i, a[i]);
     }
-  }
 }
 
 // Sizes of the inputs and strides (elements) of query and caches, as the shim read them; the block
@@ -185,15 +228,19 @@ AOTITorchError attend(const T* q, const T* kc, const T* vc, const int64_t* table
       vrows.resize(len);
       const int64_t* blocks = table + b * s.M;
       bool ok = true;
-      for (int64_t t = 0; t < len; ++t) {
-        const int64_t blk = blocks[t / s.bs];
+      for (int64_t t0 = 0; t0 < len; t0 += s.bs) {  // block by block: no division per position
+        const int64_t blk = blocks[t0 / s.bs];
         if (blk < 0 || blk >= s.NB) {
           bad_block = blk;
           ok = false;
           break;
         }
-        krows[t] = kc + blk * s.kst[0] + (t % s.bs) * s.kst[1] + h * s.kst[2];
-        vrows[t] = vc + blk * s.vst[0] + (t % s.bs) * s.vst[1] + h * s.vst[2];
+        const T* k0 = kc + blk * s.kst[0] + h * s.kst[2];
+        const T* v0 = vc + blk * s.vst[0] + h * s.vst[2];
+        for (int64_t i = 0, n = std::min(s.bs, len - t0); i < n; ++i) {
+          krows[t0 + i] = k0 + i * s.kst[1];
+          vrows[t0 + i] = v0 + i * s.vst[1];
+        }
       }
       if (!ok) continue;
       if (s.kst[3] == 1) {
@@ -204,7 +251,7 @@ AOTITorchError attend(const T* q, const T* kc, const T* vc, const int64_t* table
       }
       for (int64_t g = 0; g < G; ++g) {  // softmax numerators in place, and their sum
         float* sg = scores.data() + g * len;
-        const float top = *std::max_element(sg, sg + len);
+        const float top = max_of(sg, len);
         const __m256 vtop = _mm256_set1_ps(top);
         __m256 vsum = _mm256_setzero_ps();
         int64_t t = 0;
