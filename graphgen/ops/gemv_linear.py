@@ -4,8 +4,9 @@ Batch-1 decode is one matrix-vector product per weight matrix, bound by how fast
 stream from memory. The kernel (csrc/gemv_linear.cpp: AVX2, OpenMP over bands of weight rows, each
 row read once for all of x's 1-4 rows, fp32 accumulation, bf16 rounded to nearest even) is one of
 graphgen's CPU kernels (ops/cpu_kernels.py): compiled graphs call its C shim directly, and this
-op's eager kernel runs the same C function. 5-16 rows (decode at larger batches, compute-bound)
-run the same blocks, pairs of x's rows over each band of weight rows kept in L1.
+op's eager kernel runs the same C function. More rows of x (decode at larger batches,
+compute-bound: 4-16 in fp32, 5-16 in bf16) run blocks of several x rows over bands of weight rows
+kept in L1.
 
 Other shapes (more than 16 rows: prefill; strided operands) go to oneDNN's inner product (fp32)
 or ATen's mm (bf16) inside the shim. Where the kernels cannot be built, the op is ATen's linear.
