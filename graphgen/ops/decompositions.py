@@ -22,9 +22,9 @@ these decompositions so the whole step is compiled code:
   shim the compiled graph calls directly: an AVX2 GEMV for decode's first rows, blocks of several
   rows over bands of weight rows up to 16, oneDNN's inner product (fp32) or ATen's mm (bf16) for
   more. ATen's fp32 linear is MKL, which on this project's AVX2 AMD machines runs a batch-1 GEMV
-  on one thread; its bf16 GEMV streams ~12 GB/s against the kernel's ~19 (docs/performance.md). Where the kernels cannot be built: fp32 takes oneDNN's
-  inner product (`mkldnn._linear_pointwise`), bf16 keeps ATen's linear (oneDNN refuses plain bf16
-  weights without AVX512-BF16).
+  on one thread; its bf16 GEMV streams ~12 GB/s against the kernel's ~19 (docs/performance.md).
+  Where the kernels cannot be built: fp32 takes oneDNN's inner product (`mkldnn._linear_pointwise`),
+  bf16 keeps ATen's linear (oneDNN refuses plain bf16 weights without AVX512-BF16).
 
 Anything else (masks, pse, quantization, padding, other modes) returns NotImplemented and stays a
 call of the reference kernel (or ATen's own decomposition). Static checks already ran in the fake
@@ -99,8 +99,7 @@ def _ifa(query, key, value, **kw):
                         block_size=kw.get("block_size", 0))
 
 
-def packed_causal(query, key, value, cu_seq_lens, *, num_heads: int, num_kv_heads: int, scale: float,
-                  pre_tokens: int | None) -> torch.Tensor:
+def packed_causal(query, key, value, cu_seq_lens, *, scale: float, pre_tokens: int | None) -> torch.Tensor:
     """query (T, N, D), key/value (T, Nkv, D) packed, cu_seq_lens (K,) cumulative ends: token i sees
     token j of its own sequence when j <= i (and i - j <= pre_tokens) -> (T, N, D); tokens past the
     last end are zero."""
@@ -119,8 +118,7 @@ def _pfa(query, key, value, **kw):
     pre, nxt = kw.get("pre_tokens", 2147483647), kw.get("next_tokens", 0)
     if mode == 4 and nxt != 0:
         return NotImplemented
-    n, nkv = query.shape[1], key.shape[1]
-    return packed_causal(query, key, value, lens, num_heads=n, num_kv_heads=nkv, scale=kw.get("scale_value", 1.0),
+    return packed_causal(query, key, value, lens, scale=kw.get("scale_value", 1.0),
                          pre_tokens=pre if mode == 4 else None)
 
 

@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <vector>
 
 namespace graphgen {
 
@@ -69,6 +70,40 @@ inline bool contiguous(int64_t dim, const int64_t* sizes, const int64_t* strides
     expected *= sizes[i];
   }
   return true;
+}
+
+// Dims, sizes, strides and dtypes of the n tensors of a shim call, for its checks; the first
+// failing query's code.
+inline AOTITorchError read_args(const AtenTensorHandle* t, int n, int64_t* dims, int64_t** sizes, int64_t** strides,
+                                int32_t* dtypes) {
+  AOTITorchError err = AOTI_TORCH_SUCCESS;
+  for (int i = 0; i < n; ++i)
+    if ((err = aoti_torch_get_dim(t[i], &dims[i])) || (err = aoti_torch_get_sizes(t[i], &sizes[i])) ||
+        (err = aoti_torch_get_strides(t[i], &strides[i])) || (err = aoti_torch_get_dtype(t[i], &dtypes[i])))
+      return err;
+  return err;
+}
+
+// An int32 or int64 tensor's numel elements, in row-major order through its strides, as int64 into
+// out (block tables and lengths: small). `op` and `name` say whose argument had another dtype.
+inline AOTITorchError read_ints(AtenTensorHandle t, int64_t numel, const int64_t* sizes, const int64_t* strides,
+                                int64_t dim, std::vector<int64_t>& out, const char* op, const char* name) {
+  int32_t dtype = 0;
+  void* data = nullptr;
+  AOTITorchError err = AOTI_TORCH_SUCCESS;
+  if ((err = aoti_torch_get_dtype(t, &dtype)) || (err = aoti_torch_get_data_ptr(t, &data))) return err;
+  const bool i32 = dtype == aoti_torch_dtype_int32();
+  if (!i32 && dtype != aoti_torch_dtype_int64()) return fail("%s: %s must be int32 or int64", op, name);
+  out.resize(numel);
+  for (int64_t i = 0; i < numel; ++i) {
+    int64_t offset = 0, rest = i;
+    for (int64_t d = dim - 1; d >= 0; --d) {
+      offset += (rest % sizes[d]) * strides[d];
+      rest /= sizes[d];
+    }
+    out[i] = i32 ? static_cast<const int32_t*>(data)[offset] : static_cast<const int64_t*>(data)[offset];
+  }
+  return AOTI_TORCH_SUCCESS;
 }
 
 }  // namespace graphgen

@@ -10,8 +10,6 @@
 #include <torch/csrc/inductor/aoti_torch/c/shim_cpu.h>
 #include <torch/csrc/inductor/aoti_torch/generated/c_shim_cpu.h>
 
-#include <vector>
-
 #include "kernels.h"
 
 using namespace graphgen;
@@ -49,18 +47,14 @@ AOTITorchError aoti_torch_cpu_packed_causal_attention(AtenTensorHandle query, At
   g_last_error.clear();
   AtenTensorHandle handles[4] = {query, key, value, cu_seq_lens};
   const int64_t want_dim[4] = {3, 3, 3, 1};
-  int64_t *sizes[4], *strides[4];
+  int64_t dims[4], *sizes[4], *strides[4];
   int32_t dtypes[4];
-  AOTITorchError err = AOTI_TORCH_SUCCESS;
-  for (int i = 0; i < 4; ++i) {
-    int64_t dim = 0;
-    if ((err = aoti_torch_get_dim(handles[i], &dim)) || (err = aoti_torch_get_sizes(handles[i], &sizes[i])) ||
-        (err = aoti_torch_get_strides(handles[i], &strides[i])) || (err = aoti_torch_get_dtype(handles[i], &dtypes[i])))
-      return err;
-    if (dim != want_dim[i])
+  AOTITorchError err = read_args(handles, 4, dims, sizes, strides, dtypes);
+  if (err) return err;
+  for (int i = 0; i < 4; ++i)
+    if (dims[i] != want_dim[i])
       return fail("packed_causal_attention: query (T, N, D), key and value (T, Nkv, D), cu_seq_lens (K,) "
-                  "expected; argument %d has %lld dims", i, static_cast<long long>(dim));
-  }
+                  "expected; argument %d has %lld dims", i, static_cast<long long>(dims[i]));
   const int64_t *qs = sizes[0], *ks = sizes[1], *vs = sizes[2];
   const int64_t T = qs[0], N = qs[1], D = qs[2], Nkv = ks[1];
   if (ks[0] != T || vs[0] != T || vs[1] != Nkv || ks[2] != D || vs[2] != D || Nkv < 1 || N % Nkv != 0)
@@ -72,16 +66,11 @@ AOTITorchError aoti_torch_cpu_packed_causal_attention(AtenTensorHandle query, At
   const bool f32 = dtypes[0] == aoti_torch_dtype_float32(), bf16 = dtypes[0] == aoti_torch_dtype_bfloat16();
   if (!(f32 || bf16) || dtypes[1] != dtypes[0] || dtypes[2] != dtypes[0])
     return fail("packed_causal_attention: query, key and value must all be float32 or all bfloat16");
-  const bool i32 = dtypes[3] == aoti_torch_dtype_int32();
-  if (!i32 && dtypes[3] != aoti_torch_dtype_int64())
-    return fail("packed_causal_attention: cu_seq_lens must be int32 or int64");
-
-  void* lens_data = nullptr;
-  if ((err = aoti_torch_get_data_ptr(cu_seq_lens, &lens_data))) return err;
-  std::vector<int64_t> ends(sizes[3][0]);
-  for (int64_t s = 0; s < sizes[3][0]; ++s) {
-    const int64_t at = s * strides[3][0];
-    ends[s] = i32 ? static_cast<const int32_t*>(lens_data)[at] : static_cast<const int64_t*>(lens_data)[at];
+  std::vector<int64_t> ends;
+  if ((err = read_ints(cu_seq_lens, sizes[3][0], sizes[3], strides[3], 1, ends, "packed_causal_attention",
+                       "cu_seq_lens")))
+    return err;
+  for (int64_t s = 0; s < static_cast<int64_t>(ends.size()); ++s) {
     if (ends[s] < (s ? ends[s - 1] : 0) || ends[s] > T)
       return fail("packed_causal_attention: cu_seq_lens must be non-decreasing ends within the %lld tokens; "
                   "entry %lld is %lld", static_cast<long long>(T), static_cast<long long>(s),

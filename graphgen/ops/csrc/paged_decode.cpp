@@ -284,27 +284,6 @@ AOTITorchError attend(const T* q, const T* kc, const T* vc, const int64_t* table
   return AOTI_TORCH_SUCCESS;
 }
 
-// An int32 or int64 tensor's elements as int64 (tables and lengths are small).
-AOTITorchError read_ints(AtenTensorHandle t, int64_t numel, const int64_t* sizes, const int64_t* strides, int64_t dim,
-                         std::vector<int64_t>& out, const char* name) {
-  int32_t dtype = 0;
-  void* data = nullptr;
-  AOTITorchError err = AOTI_TORCH_SUCCESS;
-  if ((err = aoti_torch_get_dtype(t, &dtype)) || (err = aoti_torch_get_data_ptr(t, &data))) return err;
-  const bool i32 = dtype == aoti_torch_dtype_int32();
-  if (!i32 && dtype != aoti_torch_dtype_int64()) return fail("paged_decode_attention: %s must be int32 or int64", name);
-  out.resize(numel);
-  for (int64_t i = 0; i < numel; ++i) {  // element i of the row-major order, through the strides
-    int64_t offset = 0, rest = i;
-    for (int64_t d = dim - 1; d >= 0; --d) {
-      offset += (rest % sizes[d]) * strides[d];
-      rest /= sizes[d];
-    }
-    out[i] = i32 ? static_cast<const int32_t*>(data)[offset] : static_cast<const int64_t*>(data)[offset];
-  }
-  return AOTI_TORCH_SUCCESS;
-}
-
 }  // namespace
 
 extern "C" {
@@ -318,18 +297,14 @@ AOTITorchError aoti_torch_cpu_paged_decode_attention(AtenTensorHandle query, Ate
   g_last_error.clear();
   AtenTensorHandle handles[5] = {query, key_cache, value_cache, block_table, seq_lens};
   const int64_t want_dim[5] = {3, 4, 4, 2, 1};
-  int64_t *sizes[5], *strides[5];
-  int32_t dtypes[3];
-  AOTITorchError err = AOTI_TORCH_SUCCESS;
-  for (int i = 0; i < 5; ++i) {
-    int64_t dim = 0;
-    if ((err = aoti_torch_get_dim(handles[i], &dim)) || (err = aoti_torch_get_sizes(handles[i], &sizes[i])) ||
-        (err = aoti_torch_get_strides(handles[i], &strides[i])) || (i < 3 && (err = aoti_torch_get_dtype(handles[i], &dtypes[i]))))
-      return err;
-    if (dim != want_dim[i])
+  int64_t dims[5], *sizes[5], *strides[5];
+  int32_t dtypes[5];
+  AOTITorchError err = read_args(handles, 5, dims, sizes, strides, dtypes);
+  if (err) return err;
+  for (int i = 0; i < 5; ++i)
+    if (dims[i] != want_dim[i])
       return fail("paged_decode_attention: query (B, N, D), caches (NB, block_size, Nkv, D), block_table (B, M), "
-                  "seq_lens (B,) expected; argument %d has %lld dims", i, static_cast<long long>(dim));
-  }
+                  "seq_lens (B,) expected; argument %d has %lld dims", i, static_cast<long long>(dims[i]));
   const int64_t *qs = sizes[0], *ks = sizes[1];
   const Shapes s{qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], sizes[3][1], strides[0], strides[1], strides[2]};
   const bool f32 = dtypes[0] == aoti_torch_dtype_float32(), bf16 = dtypes[0] == aoti_torch_dtype_bfloat16();
@@ -343,8 +318,8 @@ AOTITorchError aoti_torch_cpu_paged_decode_attention(AtenTensorHandle query, Ate
                 static_cast<long long>(s.D), static_cast<long long>(s.Nkv), static_cast<long long>(ks[3]),
                 static_cast<long long>(sizes[3][0]), static_cast<long long>(sizes[4][0]));
   std::vector<int64_t> table, lens;
-  if ((err = read_ints(block_table, s.B * s.M, sizes[3], strides[3], 2, table, "block_table")) ||
-      (err = read_ints(seq_lens, s.B, sizes[4], strides[4], 1, lens, "seq_lens")))
+  if ((err = read_ints(block_table, s.B * s.M, sizes[3], strides[3], 2, table, "paged_decode_attention", "block_table")) ||
+      (err = read_ints(seq_lens, s.B, sizes[4], strides[4], 1, lens, "paged_decode_attention", "seq_lens")))
     return err;
   int64_t out_strides[3];
   contiguous_strides(3, qs, out_strides);
