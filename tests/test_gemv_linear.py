@@ -15,7 +15,7 @@ needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX2 o
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 8, 15, 16, 17, 40])  # fp32 1-3: GEMV; 4-16: bands (fours + a 1-3 row tail); more: oneDNN
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 8, 15, 16, 17, 40, 63, 64, 65, 90])  # fp32 1-3: GEMV; 4-64: bands (fours + a 1-3 row tail); more: oneDNN
 @pytest.mark.parametrize("n,k", [(37, 771), (8, 16), (2048, 768), (3, 5)])  # ragged N (R rows at a time) and K (8 lanes)
 def test_matches_linear(rows, n, k):
     gen = torch.Generator().manual_seed(rows * 1000 + n + k)

@@ -5,11 +5,11 @@
 // the weights stream from memory. MKL's sgemv runs that on one thread on the AVX2 AMD machines
 // this project runs on, oneDNN's inner product reaches ~65% of a plain streaming read; here each
 // thread reads its own contiguous band of weight rows once, R rows at a time, for all M rows of x
-// (docs/performance.md has the measurements). 4-16 fp32 rows and 5-16 bf16 rows (decode at
-// larger batches, compute-bound) run blocks of several x rows over bands of weight rows kept in L1
-// (`gemm_rows_f32`, `gemm_rows`). Other shapes (more rows: prefill; strided
-// operands) go to oneDNN's inner product (fp32) or ATen's mm (bf16), so the op is correct for
-// every input.
+// (docs/performance.md has the measurements). 4-64 fp32 rows and 5-16 bf16 rows (decode at
+// larger batches and the mixed steps' decode + prefill-chunk rows, compute-bound) run blocks of
+// several x rows over bands of weight rows kept in L1 (`gemm_rows_f32`, `gemm_rows`). Other shapes
+// (more rows: prefill; strided operands) go to oneDNN's inner product (fp32) or ATen's mm (bf16),
+// so the op is correct for every input.
 #include <torch/csrc/inductor/aoti_torch/c/shim_cpu.h>
 #include <torch/csrc/inductor/aoti_torch/generated/c_shim_cpu.h>
 
@@ -23,7 +23,10 @@ using namespace graphgen;
 namespace {
 
 // The most rows of x this kernel takes; more (prefill) go to oneDNN, whose blocking suits large GEMMs.
+// In fp32 the 4x3 blocks beat oneDNN's inner product up to ~64-80 rows on a 125M model's shapes
+// here (10-25% at 32-64 rows); bf16's 2x4 blocks only up to 16.
 constexpr int64_t kMaxRows = 16;
+constexpr int64_t kMaxRowsF32 = 64;
 
 // y[m, n0 + r] = sum_k x[m, k] * w[n0 + r, k] for m < M, r < R, accumulated in fp32: the R weight
 // rows are read once for all M rows of x.
@@ -168,9 +171,10 @@ inline void band_f32(const float* x, const float* w, float* y, int64_t rows, int
   if (rows - m == 1) block<1, R>(x + m * K, w, y + m * N, n0, N, K);
 }
 
-// 4 to kMaxRows rows of x in fp32 (decode at batch 4-16): compute-bound rather than
-// bandwidth-bound, where oneDNN's inner product reaches ~25-40 GFLOPS on a 125M model's shapes
-// here. Bands of 3 weight rows, each prefetched two bands ahead (`band_f32`).
+// 4 to kMaxRowsF32 rows of x in fp32 (decode at batch 4-16, mixed steps up to 64 rows):
+// compute-bound rather than bandwidth-bound, where oneDNN's inner product reaches ~25-40 GFLOPS at
+// 16 rows on a 125M model's shapes here. Bands of 3 weight rows, each prefetched two bands ahead
+// (`band_f32`); x's rows stay in L2 while every group of 4 runs over the band in L1.
 void gemm_rows_f32(const float* x, const float* w, float* y, int64_t rows, int64_t N, int64_t K) {
   constexpr int R = 3;
   constexpr int64_t kAheadBands = 2;  // 1 and 8 were slower, 2-4 alike
@@ -274,7 +278,7 @@ AOTITorchError aoti_torch_cpu_gemv_linear(AtenTensorHandle x, AtenTensorHandle w
   int64_t rows = 1;
   for (int64_t i = 0; i + 1 < xdim; ++i) rows *= xs[i];
   const int64_t N = ws[0], K = ws[1];
-  const bool fast = rows >= 1 && rows <= kMaxRows && contiguous(xdim, xs, xst) && contiguous(2, ws, wst);
+  const bool fast = rows >= 1 && rows <= (f32 ? kMaxRowsF32 : kMaxRows) && contiguous(xdim, xs, xst) && contiguous(2, ws, wst);
   if (!fast && f32)  // oneDNN's inner product: faster than MKL's sgemm here when compute-bound
     return aoti_torch_cpu__linear_pointwise(x, weight, nullptr, "none", nullptr, 0, nullptr, ret0);
 
