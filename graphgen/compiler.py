@@ -35,7 +35,7 @@ from .capture.load import load_model
 from .passes.lint import LintContext, LintReport, lint
 from .passes.paged_attention import paged_attention, padded_head_dim, plain_graph_module
 from .recipe import Recipe
-from .spec import DTYPES, PHASE_INPUTS, KVSpec, cache_input_names
+from .spec import CPU_PHASES, DTYPES, PHASE_INPUTS, KVSpec, cache_input_names
 
 Progress = Callable[[str, str], None]
 WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json")
@@ -161,6 +161,13 @@ def _example_inputs(phase: str, spec: KVSpec, recipe: Recipe, device: torch.devi
         ex = [torch.zeros(1, 8, **i64), torch.arange(8, **i64)[None], torch.tensor([3, 7], **i64),
               torch.tensor([4, 8], **i64), torch.arange(8, **i64)]
         dims = [{1: t}, {1: t}, {0: s}, {0: s}, {0: t}]
+    elif phase == "mixed":
+        s = torch.export.Dim("seqs", min=1, max=max(2, lim.max_num_seqs))
+        k = torch.export.Dim("samples", min=1, max=max(2, lim.max_num_seqs))
+        ex = [torch.zeros(1, 8, **i64), torch.tensor([[16, 17, 18, 19, 20, 0, 1, 2]], **i64),
+              torch.tensor([4, 5, 7], **i64), torch.tensor([5, 8], **i64), table, torch.tensor([21, 3], **i64),
+              torch.arange(8, **i64)]
+        dims = [{1: t}, {1: t}, {0: k}, {0: s}, {0: s}, {0: s}, {0: t}]
     elif phase == "extend":
         ex = [torch.zeros(1, 8, **i64), torch.arange(16, 24, **i64)[None], torch.tensor([7], **i64), table[:1],
               torch.tensor([24], **i64), torch.arange(16, 24, **i64)]
@@ -245,7 +252,7 @@ def _parallel_jobs(backend, device: torch.device, model: torch.nn.Module) -> int
     if backend.FORMAT != "aoti" or device.type != "cpu" or "fork" not in multiprocessing.get_all_start_methods():
         return 1
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return compile_jobs(len(PHASE_INPUTS), _weight_bytes(model), cpus=cpus, available=_mem_available())
+    return compile_jobs(len(CPU_PHASES), _weight_bytes(model), cpus=cpus, available=_mem_available())
 
 
 def _mem_available() -> int | None:
@@ -394,9 +401,11 @@ def compile_recipe(
         jobs = _parallel_jobs(backend, device, model)
         backend_ready()
         with CompileWorkers(jobs, say) as workers:
+            phases = npu.phases if npu is not None else CPU_PHASES
             for phase, inputs in PHASE_INPUTS.items():
-                if npu is not None and phase not in npu.phases:
-                    say("passes", npu.notes[phase])
+                if phase not in phases:
+                    if npu is not None:
+                        say("passes", npu.notes[phase])
                     continue
                 say("passes", f"{phase}: paged attention rewrite")
                 gm, rec = paged_graph_module(ep, phase, spec)
@@ -404,7 +413,8 @@ def compile_recipe(
                 ex, dims = _example_inputs(phase, spec, recipe, device)
                 with torch.no_grad():
                     paged = torch.export.export(gm, tuple(ex), dynamic_shapes=dims, strict=False)
-                lowered.append(paged.graph_module)
+                if phase != "mixed":  # built for cpu/cuda only: the NPU graph-mode lint has no say on it
+                    lowered.append(paged.graph_module)
                 rel = f"graphs/{phase}.pt2"
                 graphs[phase] = {
                     "file": rel,

@@ -58,14 +58,22 @@ def cache_input_names(num_layers: int) -> list[str]:
 
 
 # The inputs of each phase's graph, before the pools (see passes/paged_attention.py for meanings):
-#   input_ids, position_ids  int64: prefill/extend (1, T) packed tokens; decode (B, 1)
-#   logits_indices           int64 (K,): where each sequence's last token sits in the packed row
-#   cu_seq_lens              int64 (K,): cumulative ends of the packed sequences (no leading 0)
+#   input_ids, position_ids  int64: prefill/extend/mixed (1, T) packed tokens; decode (B, 1)
+#   logits_indices           int64 (K,): the packed rows whose logits come out (a sequence's last
+#                            token; in mixed, only sequences whose prompt this step completes, and
+#                            decode rows)
+#   cu_seq_lens              int64 (B,): cumulative ends of the packed sequences (no leading 0)
 #   block_table              int32 (B, max_blocks_per_seq): pool blocks of each sequence
 #   seq_lens                 int64 (B,): KV length of each sequence, the new token(s) included
 #   slot_mapping             int64 (T,) or (B,): block * block_size + offset where each new K/V goes
 PHASE_INPUTS = {
     "prefill": ["input_ids", "position_ids", "logits_indices", "cu_seq_lens", "slot_mapping"],
     "extend": ["input_ids", "position_ids", "logits_indices", "block_table", "seq_lens", "slot_mapping"],
+    "mixed": ["input_ids", "position_ids", "logits_indices", "cu_seq_lens", "block_table", "seq_lens",
+              "slot_mapping"],
     "decode": ["input_ids", "position_ids", "block_table", "seq_lens", "slot_mapping"],
 }
+# The graphs a cpu/cuda build compiles. mixed (any number of sequences, each with any number of new
+# tokens over its paged prefix: chunked prefill beside decode rows, prefix-cache hits) covers what
+# extend does, so extend is built only for the NPU, where mixed is not (backends/torchair.py).
+CPU_PHASES = ("prefill", "mixed", "decode")

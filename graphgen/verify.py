@@ -5,7 +5,10 @@ transformers' "eager" attention, twice: in float64 (the reference) and in the ar
 (the eager baseline). The prompts run through both and through the artifact's runtime (`LLM`, its
 scheduler, block manager, runner and advance step), whose sampler is swapped for a teacher that
 records each step's logits and feeds the eager greedy token, so every step of every prompt is
-compared on the same tokens.
+compared on the same tokens. The first prompt runs one step alone and the others join after it, so
+with two or more prompts every graph is compared: the prefill graph (the first prompt), the mixed
+graph of cpu/cuda artifacts (the others' prompts beside the first one's decode row) and the
+decode graph; `graph_steps` in the report counts the steps of each.
 
 Tiers, each prompt's logits gated as PyTorch's compiled-vs-eager check (`torch._dynamo.utils.same`
 with an fp64 reference) gates a whole output tensor:
@@ -105,6 +108,7 @@ class VerifyReport:
     decode_steps: list[Row] = field(default_factory=list)  # one per (prompt, step): diagnostics
     tokens: list[TokenRow] = field(default_factory=list)
     layers: list[Row] | None = None  # only with layers=True
+    graph_steps: dict = field(default_factory=dict)  # runtime steps per graph (prefill, decode, mixed)
 
     @property
     def tier_passed(self) -> dict[str, bool]:
@@ -239,9 +243,11 @@ class _TeacherSampler:
         return torch.tensor(out, dtype=torch.int64, device=logits.device)
 
 
-def _graph_logits(artifact: Path, prompts: list[list[int]], tokens: list[list[int]]) -> list[torch.Tensor]:
-    """Each prompt's logits (N, V) from the artifact's runtime, all prompts batched as the engine
-    batches them, teacher-forced on `tokens`."""
+def _graph_logits(artifact: Path, prompts: list[list[int]], tokens: list[list[int]]
+                  ) -> tuple[list[torch.Tensor], dict]:
+    """Each prompt's logits (N, V) from the artifact's runtime, teacher-forced on `tokens`, and the
+    steps run per graph. The first prompt runs one step alone; the rest join the running batch
+    after it, as requests arriving mid-decode do."""
     from .runtime.engine import LLM
     from .runtime.params import SamplingParams
 
@@ -249,9 +255,11 @@ def _graph_logits(artifact: Path, prompts: list[list[int]], tokens: list[list[in
     teacher = _TeacherSampler(tokens)
     llm.sampler = teacher
     params = SamplingParams(max_tokens=len(tokens[0]), ignore_eos=True)
-    teacher.index = {llm.add_request(p, params): i for i, p in enumerate(prompts)}
+    arrivals = [[0], list(range(1, len(prompts)))]
     outputs = {}
-    while llm.has_unfinished_requests():
+    while arrivals or llm.has_unfinished_requests():
+        for i in arrivals.pop(0) if arrivals else ():
+            teacher.index[llm.add_request(prompts[i], params)] = i
         for event in llm.step():
             if event.output is not None:
                 outputs[teacher.index[event.request_id]] = event.output
@@ -259,7 +267,7 @@ def _graph_logits(artifact: Path, prompts: list[list[int]], tokens: list[list[in
         if out.error or len(teacher.logits[i]) != len(tokens[i]):
             raise VerifyError(f"prompt {i}: the runtime produced {len(teacher.logits[i])} of {len(tokens[i])} steps "
                               f"({out.finish_reason}: {out.error})")
-    return [torch.stack(rows) for rows in teacher.logits]
+    return [torch.stack(rows) for rows in teacher.logits], dict(llm.stats.steps)
 
 
 # --- layers ----------------------------------------------------------------------------------
@@ -387,7 +395,7 @@ def verify_artifact(artifact_dir: str | Path, *, prompts: list[str] | list[list[
         eager_tokens.append(toks)
         eager_logits.append(logits.cpu())
         ref_logits.append(_forward(ref_model, p + toks[:-1], device)[0][len(p) - 1:].cpu())
-    graph_logits = _graph_logits(root, ids, eager_tokens)
+    graph_logits, graph_steps = _graph_logits(root, ids, eager_tokens)
 
     report = VerifyReport(
         artifact=str(root), manifest_sha256=sha256_file(root / MANIFEST), backend=backend, dtype=dtype_name,
@@ -395,6 +403,7 @@ def verify_artifact(artifact_dir: str | Path, *, prompts: list[str] | list[list[
         gate={"error": "RMSE vs the float64 eager reference", "multiplier": MULTIPLIER[dtype_name], "floor": FLOOR,
               "rule": "graph_error <= multiplier * eager_error + floor",
               "tokens": "identical" if exact else f"first divergence must be a top-{top_k} near-tie"},
+        graph_steps=graph_steps,
     )
     for i in range(len(ids)):
         g, e, r = graph_logits[i], eager_logits[i], ref_logits[i]
@@ -449,6 +458,8 @@ def print_report(report: VerifyReport, console) -> None:
                       "" if w is None else f"{w.graph_error:.3g}", "" if w is None else f"{w.limit:.3g}",
                       "" if w is None else f"{w.eager_error:.3g}", "")
     console.print(table)
+    if report.graph_steps:
+        console.print("  runtime steps per graph: " + ", ".join(f"{g} {n}" for g, n in report.graph_steps.items()))
     for r in tok:
         if r.diverged_at is not None:
             console.print(f"  prompt {r.prompt}: {r.detail}")

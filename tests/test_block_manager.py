@@ -9,18 +9,25 @@ from graphgen.runtime.block_manager import BlockManager, blocks_for_memory
 from graphgen.runtime.sequence import Sequence
 
 
+def admit(bm, seq):
+    """What the scheduler does for a whole prompt: its blocks, all of them computed in its step."""
+    bm.allocate(seq)
+    bm.mark_computed(seq, seq.num_cached_tokens, len(seq))
+
+
 def decode_one(bm, seq, token):
     """What the scheduler does around one decode step: append the sampled token, make room."""
     seq.append_token(token)
     assert bm.can_append(seq)
     bm.may_append(seq)
+    bm.mark_computed(seq, len(seq) - 1, len(seq))
 
 
 def test_allocate_append_deallocate_ref_counts():
     bm = BlockManager(num_blocks=8, block_size=4)
     seq = Sequence(list(range(6)))
     assert bm.can_allocate(seq)
-    bm.allocate(seq)
+    admit(bm, seq)
     assert len(seq.block_table) == 2 and bm.num_free_blocks == 5
     assert all(bm.blocks[b].ref_count == 1 for b in seq.block_table)
     decode_one(bm, seq, 6)
@@ -40,8 +47,8 @@ def test_prefix_hits_share_blocks_and_are_counted():
     bm = BlockManager(num_blocks=16, block_size=4)
     a = Sequence(list(range(10)))
     b = Sequence(list(range(8)) + [99, 98, 97])
-    bm.allocate(a)
-    bm.allocate(b)
+    admit(bm, a)
+    admit(bm, b)
     assert b.block_table[:2] == a.block_table[:2] and b.block_table[2] != a.block_table[2]
     assert b.num_cached_tokens == 8 and a.num_cached_tokens == 0
     assert bm.stats.hit_blocks == 2
@@ -52,7 +59,7 @@ def test_prefix_hits_share_blocks_and_are_counted():
     bm.check_all_free()
     # freed blocks keep their contents: a new request with the prefix revives them
     c = Sequence(list(range(9)))
-    bm.allocate(c)
+    admit(bm, c)
     assert c.num_cached_tokens == 8 and bm.stats.hit_blocks == 4
     bm.deallocate(c)
     bm.check_all_free()
@@ -61,8 +68,8 @@ def test_prefix_hits_share_blocks_and_are_counted():
 def test_fully_cached_prompt_still_recomputes_last_token():
     bm = BlockManager(num_blocks=8, block_size=4)
     a, b = Sequence(list(range(8))), Sequence(list(range(8)))
-    bm.allocate(a)
-    bm.allocate(b)
+    admit(bm, a)
+    admit(bm, b)
     assert b.num_cached_tokens == 4 < len(b)
     assert b.block_table[0] == a.block_table[0] and b.block_table[1] != a.block_table[1]
 
@@ -70,11 +77,11 @@ def test_fully_cached_prompt_still_recomputes_last_token():
 def test_decode_filled_block_is_reused_by_a_later_prompt():
     bm = BlockManager(num_blocks=8, block_size=4)
     a = Sequence([1, 2, 3])
-    bm.allocate(a)
+    admit(bm, a)
     for t in (4, 5, 6, 7, 8):  # fills block 0 and block 1 ([5, 6, 7, 8]) by decoding
         decode_one(bm, a, t)
     b = Sequence([1, 2, 3, 4, 5, 6, 7, 8, 9])
-    bm.allocate(b)
+    admit(bm, b)
     assert b.block_table[:2] == a.block_table[:2] and b.num_cached_tokens == 8
 
 
@@ -82,21 +89,39 @@ def test_hash_collision_does_not_reuse_other_tokens(monkeypatch):
     monkeypatch.setattr(bm_mod, "chain_hash", lambda token_ids, prev_hash: 42)
     bm = BlockManager(num_blocks=16, block_size=4)
     a, b = Sequence([1, 2, 3, 4, 5]), Sequence([9, 9, 9, 9, 5])
-    bm.allocate(a)
-    bm.allocate(b)
+    admit(bm, a)
+    admit(bm, b)
     assert b.num_cached_tokens == 0 and bm.stats.hit_blocks == 0
     assert set(a.block_table).isdisjoint(b.block_table)
     c = Sequence([9, 9, 9, 9, 6])  # same tokens as b's first block: a true hit still works
-    bm.allocate(c)
+    admit(bm, c)
     assert c.block_table[0] == b.block_table[0] and bm.stats.hit_blocks == 1
 
 
 def test_prefix_caching_off_shares_nothing():
     bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=False)
     a, b = Sequence(list(range(9))), Sequence(list(range(9)))
-    bm.allocate(a)
-    bm.allocate(b)
+    admit(bm, a)
+    admit(bm, b)
     assert set(a.block_table).isdisjoint(b.block_table) and bm.stats.hit_blocks == 0
+
+
+def test_blocks_serve_prefix_hits_only_once_computed():
+    """A prompt prefilled in chunks registers its full blocks when admitted, before their KV exists:
+    a later prompt with the same prefix (say after the first was preempted mid-prompt) must not
+    reuse a block no step has computed."""
+    bm = BlockManager(num_blocks=16, block_size=4)
+    a = Sequence(list(range(12)))
+    bm.allocate(a)
+    bm.mark_computed(a, 0, 6)  # the first chunk: block 0 complete, block 1 half
+    bm.deallocate(a)  # preempted
+    b = Sequence(list(range(12)) + [50])
+    bm.allocate(b)
+    assert b.num_cached_tokens == 4 and bm.stats.hit_blocks == 1
+    bm.mark_computed(b, 4, len(b))
+    c = Sequence(list(range(12)) + [60])
+    bm.allocate(c)
+    assert c.num_cached_tokens == 12 and c.block_table[:3] == b.block_table[:3]
 
 
 def test_pool_sizing_and_limits():
@@ -122,7 +147,7 @@ class BlockWorkload(RuleBasedStateMachine):
     def add(self, tokens):
         seq = Sequence(tokens)
         if self.bm.can_allocate(seq):
-            self.bm.allocate(seq)
+            admit(self.bm, seq)
             self.live.append(seq)
 
     @precondition(lambda self: self.live)
@@ -132,6 +157,7 @@ class BlockWorkload(RuleBasedStateMachine):
         seq.append_token(token)
         if self.bm.can_append(seq):
             self.bm.may_append(seq)
+            self.bm.mark_computed(seq, len(seq) - 1, len(seq))
         else:
             seq.token_ids.pop()
 

@@ -12,7 +12,7 @@ from graphgen.capture.load import load_model
 from graphgen.compiler import compile_recipe, kv_spec_for, paged_graph_module
 from graphgen.recipe import Recipe, default_recipe
 from graphgen.runtime.graphs import load_graphs
-from graphgen.spec import PHASE_INPUTS, cache_input_names
+from graphgen.spec import CPU_PHASES, PHASE_INPUTS, cache_input_names
 from graphgen.capture.interface import register
 from graphgen.passes.lint import LintContext, lint
 
@@ -72,6 +72,24 @@ def _decode(graph, cache, seqs):
                  t([len(s) for s in seqs]), t(slots), *cache.pools)
 
 
+def _mixed(graph, cache, chunks):
+    """One mixed step: chunks [(cache index, tokens, start, n)] compute tokens[start:start + n] of
+    each sequence over its prefix in the pool; logits where a chunk reaches the end of its tokens."""
+    ids, pos, slots, ends, last, rows, kv = [], [], [], [], [], [], []
+    for i, tokens, start, n in chunks:
+        ids += tokens[start:start + n]
+        pos += range(start, start + n)
+        slots += [cache.slot(i, j) for j in range(start, start + n)]
+        ends.append(len(ids))
+        rows.append(i)
+        kv.append(start + n)
+        if start + n == len(tokens):
+            last.append(len(ids) - 1)
+    t = lambda x: torch.tensor(x, dtype=torch.int64)  # noqa: E731
+    return graph(t(ids)[None], t(pos)[None], t(last or [len(ids) - 1]), t(ends), cache.table_tensor(rows), t(kv),
+                 t(slots), *cache.pools)
+
+
 def _check_prefill_and_decode(graphs, spec, hf, steps=3, atol=2e-5):
     cache = PagedCache(spec)
     logits = _prefill(graphs["prefill"], cache, PROMPTS)
@@ -84,6 +102,23 @@ def _check_prefill_and_decode(graphs, spec, hf, steps=3, atol=2e-5):
         logits = _decode(graphs["decode"], cache, seqs)
         for i, s in enumerate(seqs):
             torch.testing.assert_close(logits[i].float(), _hf_logits(hf, s), atol=atol, rtol=0)
+    if "mixed" in graphs:
+        _check_mixed(graphs["mixed"], cache, seqs, [int(row.argmax()) for row in logits], hf, atol)
+
+
+def _check_mixed(graph, cache, seqs, sampled, hf, atol):
+    """Chunked prefill beside decode rows: a new 21-token prompt in chunks of 7 and 14, the first
+    chunk alone (no logits: a dummy row comes back), the second beside decode rows of two running
+    sequences, whose logits come out in step order."""
+    for s, token in zip(seqs, sampled):
+        s.append(token)
+    new = len(seqs)
+    prompt = PROMPTS[2] + [33, 34, 35]
+    assert len(_mixed(graph, cache, [(new, prompt, 0, 7)])) == 1
+    logits = _mixed(graph, cache, [(0, seqs[0], len(seqs[0]) - 1, 1), (new, prompt, 7, 14),
+                                   (2, seqs[2], len(seqs[2]) - 1, 1)])
+    for row, ids in zip(logits, (seqs[0], prompt, seqs[2])):
+        torch.testing.assert_close(row.float(), _hf_logits(hf, ids), atol=atol, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +173,7 @@ def test_tiny_artifact_graphs_reproduce_hf_eager(tiny_artifact):
 @pytest.mark.slow
 def test_tiny_artifact_manifest(tiny_artifact):
     m = read_manifest(tiny_artifact)
-    assert set(m.graphs) == set(PHASE_INPUTS)
+    assert set(m.graphs) == set(CPU_PHASES)
     for phase, graph in m.graphs.items():
         assert graph["format"] == "aoti"
         assert graph["inputs"] == PHASE_INPUTS[phase] + cache_input_names(m.kv.num_layers)
@@ -222,7 +257,7 @@ def test_python_api_and_cli_on_the_eager_artifact(tiny_eager_artifact):
     result = runner.invoke(app, ["inspect", str(tiny_eager_artifact), "--json"])
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
-    assert info["name"] == "tiny-llama" and set(info["graphs"]) == set(PHASE_INPUTS)
+    assert info["name"] == "tiny-llama" and set(info["graphs"]) == set(CPU_PHASES)
     assert info["lint"]["npu_expressible"] is False
     result = runner.invoke(app, ["run", str(tiny_eager_artifact), "--prompt-ids", "256,72,101", "-n", "5", "--json"])
     assert result.exit_code == 0, result.output

@@ -13,6 +13,7 @@ from tests.naive import page_kv
 
 ifa = torch.ops.graphgen.npu_incre_flash_attention
 pfa = torch.ops.graphgen.npu_prompt_flash_attention
+fia = torch.ops.graphgen.npu_fused_infer_attention_score
 
 
 def _targets(ep) -> list[str]:
@@ -118,6 +119,35 @@ def test_packed_causal_pfa_call_is_replaced_with_the_same_result(sparse_mode, pr
     graphgen_ops = [t for t in _targets(decomposed) if "graphgen" in t]
     assert graphgen_ops == (["graphgen.packed_causal_attention.default"] if kernel else [])
     torch.testing.assert_close(decomposed.module()(*args), Prefill()(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_paged_tnd_fia_call_becomes_one_paged_decode_row_per_token():
+    """The mixed graph's call: three sequences' new tokens (a 5-token chunk over a 15-token prefix,
+    a decode row, a whole 3-token prompt) packed over a BSH pool, then a token past the last end."""
+    torch.manual_seed(0)
+    n, nkv, d, bs = 4, 2, 16, 16
+    gen = torch.Generator().manual_seed(2)
+    k = torch.randn(3, nkv, 40, d)
+    key, table = page_kv(k, bs, False, gen)
+    value = torch.randn_like(key)
+    q = torch.randn(10, n, d)
+    ends, kv_lens = torch.tensor([5, 6, 9]), torch.tensor([20, 33, 3])
+    mask = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), diagonal=1)
+
+    class Mixed(torch.nn.Module):
+        def forward(self, q, key, value, ends, table, kv_lens, mask):
+            return fia.tensor_lengths(q, key, value, atten_mask=mask, actual_seq_lengths=ends,
+                                      actual_seq_lengths_kv=kv_lens, block_table=table, num_heads=n,
+                                      num_key_value_heads=nkv, scale=d ** -0.5, next_tokens=0,
+                                      input_layout="TND", sparse_mode=3, block_size=bs)[0]
+
+    args = (q, key, value, ends, table, kv_lens, mask)
+    decomposed = _serving(torch.export.export(Mixed(), args), 1)
+    graphgen_ops = [t for t in _targets(decomposed) if "graphgen" in t]
+    assert graphgen_ops == (["graphgen.paged_decode_attention.default"] if cpu_kernels.available() else [])
+    expected = Mixed()(*args)
+    torch.testing.assert_close(decomposed.module()(*args), expected, rtol=1e-5, atol=1e-5)
+    assert expected[9].abs().max() == 0
 
 
 def test_calls_outside_the_serving_forms_stay_reference_kernel_calls():

@@ -76,6 +76,27 @@ def test_staggered_requests_match_hf_greedy(llm, expected):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("step_tokens", [9, 0])
+def test_chunked_prompts_beside_decode_rows_match_hf_greedy(tiny_artifact, expected, step_tokens):
+    """step_tokens 9: 8 decoding sequences leave 1 token a step for a prompt, so prompts arriving
+    mid-decode go in 1-token chunks through the mixed graph; 0: separate prefill and decode steps."""
+    llm = LLM(tiny_artifact, step_tokens=step_tokens)
+    prompts = PROMPTS * 3  # 12 requests, 8 running at most: the last four arrive mid-decode
+    params = [SamplingParams(max_tokens=12 - i % 5, ignore_eos=True) for i in range(len(prompts))]
+    outs = llm.generate(prompts, params)
+    assert [o.token_ids for o in outs] == [expected[i % 4][:12 - i % 5] for i in range(len(prompts))]
+    steps = llm.stats.to_dict()["steps"]
+    assert (steps["mixed"] > 0) == (step_tokens > 0)
+    assert llm.stats.mixed_prefill_tokens > 0 if step_tokens else llm.stats.mixed_prefill_tokens == 0
+    llm.block_manager.check_all_free()
+
+
+def test_step_tokens_outside_what_a_step_holds_is_refused(tiny_eager_artifact):
+    with pytest.raises(ValueError, match="step_tokens=8: a mixed step holds a decode row"):
+        LLM(tiny_eager_artifact, step_tokens=8)  # max_num_seqs 8
+
+
+@pytest.mark.slow
 def test_batch_composition_does_not_change_outputs(llm):
     alone = [llm.generate([p], GREEDY)[0].token_ids for p in PROMPTS]
     together = [o.token_ids for o in llm.generate(PROMPTS[::-1], GREEDY)][::-1]

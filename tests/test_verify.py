@@ -50,6 +50,8 @@ def test_eager_artifact_passes_with_layers_and_writes_the_report(tiny_eager_arti
     report = verify_artifact(tiny_eager_artifact, max_new_tokens=4, layers=True)
     assert report.passed, report.first_failure
     assert report.backend == "eager" and report.exact_tokens
+    # the later prompts join mid-decode: the mixed graph computes their prompts, so all graphs ran
+    assert report.graph_steps["prefill"] == 1 and report.graph_steps["mixed"] >= 1 and report.graph_steps["decode"]
     n_prompts = len(report.prompts)
     assert len(report.prefill) == len(report.decode) == n_prompts and len(report.decode_steps) == n_prompts * 3
     assert all(r.diverged_at is None for r in report.tokens)  # identical greedy tokens
@@ -67,6 +69,7 @@ def test_inductor_artifact_passes(tiny_artifact):
     report = verify_artifact(tiny_artifact, prompts=["Hello, world!", [256, 84, 104, 101]], max_new_tokens=4)
     assert report.backend == "inductor" and not report.exact_tokens
     assert report.passed, report.first_failure
+    assert report.graph_steps["mixed"] >= 1
 
 
 def test_print_report_and_bad_arguments(tiny_eager_artifact):

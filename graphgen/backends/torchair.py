@@ -484,6 +484,9 @@ class NpuBuild:
             buckets = list(prefill.buckets)
         bs = recipe.kv_cache.block_size
         phases = ["prefill", "extend", "decode"]
+        notes["mixed"] = ("no mixed graph on npu yet (cpu/cuda builds have one): its FIA would take TND query and "
+                          "KV lengths as host int lists, which the lowering does not build; prefills and decodes "
+                          "run as separate steps")
         if bs % 128 or bs > 512:
             phases.remove("extend")
             notes["extend"] = (f"no extend graph: FIA paged prefill (prefix-cache hits) needs kv_cache.block_size a "

@@ -18,6 +18,11 @@ these decompositions so the whole step is compiled code:
   at a time); elsewhere one `scaled_dot_product_attention` over all tokens with a block-diagonal
   boolean mask, inlined.
 
+- `npu_fused_infer_attention_score.tensor_lengths` on packed TND tokens over a paged float cache,
+  sparse_mode 3 (the mixed graph's call: chunked prefill beside decode rows): one paged-decode row
+  per token (`paged_decode.token_rows`: its sequence's block-table row, the KV length it sees), so
+  the CPU runs the decode kernel above; no separate kernel for Q_S > 1.
+
 - `aten.linear` in fp32 or bf16 on CPU: `graphgen::gemv_linear` (ops/gemv_linear.py), whose C
   shim the compiled graph calls directly: an AVX2 GEMV for decode's first rows, blocks of several
   rows over bands of weight rows up to 64 (fp32) or 16 (bf16), oneDNN's inner product (fp32) or
@@ -41,6 +46,7 @@ from . import paged_decode as paged_decode_op
 from ._checks import known_true
 
 IFA = torch.ops.graphgen.npu_incre_flash_attention.tensor_lengths
+FIA = torch.ops.graphgen.npu_fused_infer_attention_score.tensor_lengths
 PFA = torch.ops.graphgen.npu_prompt_flash_attention.tensor_lengths
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _IFA_PLAIN_NONE = ("padding_mask", "atten_mask", "pse_shift", "antiquant_scale", "antiquant_offset",
@@ -48,6 +54,11 @@ _IFA_PLAIN_NONE = ("padding_mask", "atten_mask", "pse_shift", "antiquant_scale",
                    "kv_padding_size")
 _PFA_PLAIN_NONE = ("padding_mask", "pse_shift", "deq_scale1", "quant_scale1", "deq_scale2", "quant_scale2",
                    "quant_offset2")
+_FIA_PLAIN_NONE = ("pse_shift", "dequant_scale1", "quant_scale1", "dequant_scale2", "quant_scale2", "quant_offset2",
+                   "antiquant_scale", "antiquant_offset", "key_antiquant_scale", "key_antiquant_offset",
+                   "value_antiquant_scale", "value_antiquant_offset", "query_padding_size", "kv_padding_size",
+                   "key_shared_prefix", "value_shared_prefix", "actual_shared_prefix_len", "query_rope", "key_rope",
+                   "key_rope_antiquant_scale")
 
 
 def paged_decode(query, key_cache, value_cache, block_table, seq_lens, *, num_heads: int, num_kv_heads: int,
@@ -99,6 +110,21 @@ def _ifa(query, key, value, **kw):
                         block_size=kw.get("block_size", 0))
 
 
+def _fia(query, key, value, **kw):
+    lens, lens_kv, table = kw.get("actual_seq_lengths"), kw.get("actual_seq_lengths_kv"), kw.get("block_table")
+    if any(kw.get(name) is not None for name in _FIA_PLAIN_NONE) or kw.get("input_layout", "BSH") != "TND" \
+            or table is None or lens is None or lens_kv is None or kw.get("sparse_mode", 0) != 3 \
+            or kw.get("atten_mask") is None or kw.get("softmax_lse_flag", False) or query.dtype not in FLOATS \
+            or key.dtype != query.dtype or key.dim() != 3:
+        return NotImplemented
+    t, n, d = query.shape
+    rows, row_lens = paged_decode_op.token_rows(lens, table, lens_kv, t)
+    out = paged_decode(query.unsqueeze(1), key, value, rows, row_lens, num_heads=n,
+                       num_kv_heads=kw.get("num_key_value_heads", 0) or n, scale=kw.get("scale", 1.0),
+                       layout="BSND", block_size=kw.get("block_size", 0))
+    return out.reshape(t, n, d), query.new_zeros((1,), dtype=torch.float32)
+
+
 def packed_causal(query, key, value, cu_seq_lens, *, scale: float, pre_tokens: int | None) -> torch.Tensor:
     """query (T, N, D), key/value (T, Nkv, D) packed, cu_seq_lens (K,) cumulative ends: token i sees
     token j of its own sequence when j <= i (and i - j <= pre_tokens) -> (T, N, D); tokens past the
@@ -142,7 +168,7 @@ def onednn_linear_available() -> bool:
 def serving_decompositions() -> dict:
     """op overload -> decomposition (NotImplemented where it does not apply), in the form of
     `ExportedProgram.run_decompositions`' table."""
-    return {IFA: _ifa, PFA: _pfa, torch.ops.aten.linear.default: _linear}
+    return {IFA: _ifa, PFA: _pfa, FIA: _fia, torch.ops.aten.linear.default: _linear}
 
 
 def inline_serving_forms(gm: torch.fx.GraphModule) -> int:

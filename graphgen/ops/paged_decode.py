@@ -63,6 +63,21 @@ def aten_paged_decode(query, key_cache, value_cache, block_table, seq_lens, scal
     return torch.matmul(probs, v).to(query.dtype).reshape(b, n, d)
 
 
+def token_rows(cu_seq_lens: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, total):
+    """Packed new tokens of B paged sequences as one decode row each: sequence b's new tokens end
+    at cu_seq_lens[b] (cumulative, no leading 0) and its KV, those tokens included, is seq_lens[b]
+    long, so its token at packed index t sees the first seq_lens[b] - cu_seq_lens[b] + t + 1
+    positions (bottom-right causal). -> (block_table rows (total, M), lengths (total,) int64);
+    tokens past the last end get length 0 (zero rows in the paged ops)."""
+    t = torch.arange(total, device=cu_seq_lens.device)
+    ends = cu_seq_lens.to(torch.int64)
+    seq = (t[:, None] >= ends[None, :]).sum(1)  # which sequence each token belongs to
+    past = seq >= ends.shape[0]
+    seq = seq.clamp(max=ends.shape[0] - 1)
+    lens = seq_lens.to(torch.int64)[seq] - ends[seq] + t + 1
+    return block_table[seq], torch.where(past, torch.zeros_like(lens), lens)
+
+
 def _check(query, key_cache, value_cache, block_table, seq_lens) -> None:
     if query.dim() != 3 or key_cache.dim() != 4 or block_table.dim() != 2 or seq_lens.dim() != 1:
         raise ValueError("paged_decode_attention: query (B, N, D), caches (NB, block_size, Nkv, D), block_table "

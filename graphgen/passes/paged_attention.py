@@ -8,6 +8,12 @@ Per phase (DESIGN.md decision 4):
   next_tokens = 0).
 - extend: one sequence whose prefix is already in the pool (prefix-cache hit): write the new
   tokens' K/V, then `npu_fused_infer_attention_score` (Q_S > 1) over the pool via `block_table`.
+- mixed (cpu/cuda): several sequences' new tokens packed into one row (TND), each sequence over
+  its prefix in the pool: chunked prefill beside decode rows (one token each), prefix-cache hits.
+  Write the new K/V, then `npu_fused_infer_attention_score` in TND with `block_table`, cumulative
+  query ends `cu_seq_lens` and per-sequence KV lengths `seq_lens` (the form vLLM-Ascend runs
+  chunked prefill in), sparse_mode 3 (sparse_mode 4 for a window). A BNSD pool is no TND cache,
+  so there each token becomes one row of `npu_incre_flash_attention` (`token_rows`).
 - decode: one new token per sequence. Each layer writes the token's K/V at `slot_mapping`, then
   runs `npu_incre_flash_attention` over the pool with `block_table`, `seq_lens` (KV lengths
   including the new token), `block_size` and `num_key_value_heads`; a sliding window becomes an
@@ -33,6 +39,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ..ops.paged_decode import token_rows
 from ..spec import PHASE_INPUTS, KVSpec, cache_input_names
 
 ATTENTION = torch.ops.graphgen.attention.default
@@ -174,6 +181,49 @@ def extend_attention(
     return out[..., :dm]
 
 
+def mixed_attention(
+    query, key, value, key_cache, value_cache, slot_mapping, cu_seq_lens, block_table, seq_lens, mask, *,
+    layout: str, block_size: int, head_dim: int, scale: float, sliding_window: int,
+):
+    """query (1, N, T, Dm), key/value (1, Nkv, T, Dm) of packed new tokens of B sequences -> (1, T,
+    N, Dm). Sequence b's tokens end at cu_seq_lens[b] and its KV, the new tokens included, is
+    seq_lens[b] long: its i-th of q_b new tokens sees positions <= seq_lens[b] - q_b + i through
+    block_table[b] (bottom-right causal; a window keeps the last `sliding_window` of those)."""
+    _, n, t, dm = query.shape
+    nkv, d = key.shape[1], head_dim
+    q = _pad_last(query[0].transpose(0, 1), d)  # (T, N, D)
+    write_new_tokens(key, value, key_cache, value_cache, slot_mapping, head_dim=d, layout=layout, block_size=block_size)
+    band = sliding_window > 0
+    if layout == "BNSD":  # FIA's TND reads (NB, bs, Nkv*D) pools only: one IFA row per token instead
+        table, lens = token_rows(cu_seq_lens, block_table, seq_lens, t)
+        atten_mask = None
+        if band:
+            pos = torch.arange(block_table.shape[1] * block_size, device=q.device)
+            atten_mask = (pos[None, :] < (lens[:, None] - sliding_window)).unsqueeze(1)
+        out = torch.ops.graphgen.npu_incre_flash_attention.tensor_lengths(
+            q.unsqueeze(2), key_cache, value_cache, atten_mask=atten_mask, actual_seq_lengths=lens,
+            block_table=table, num_heads=n, scale_value=scale, input_layout="BNSD", num_key_value_heads=nkv,
+            block_size=block_size,
+        )
+        return out[:, :, 0, :dm].unsqueeze(0)
+    out, _ = torch.ops.graphgen.npu_fused_infer_attention_score.tensor_lengths(
+        q, key_cache, value_cache,
+        atten_mask=mask,
+        actual_seq_lengths=cu_seq_lens,
+        actual_seq_lengths_kv=seq_lens,
+        block_table=block_table,
+        num_heads=n,
+        scale=scale,
+        pre_tokens=sliding_window - 1 if band else 2147483647,
+        next_tokens=0,
+        input_layout="TND",
+        num_key_value_heads=nkv,
+        sparse_mode=4 if band else 3,
+        block_size=block_size,
+    )
+    return out[..., :dm].unsqueeze(0)
+
+
 def prefill_attention_portable(
     query, key, value, key_cache, value_cache, slot_mapping, cu_seq_lens, *, layout: str, block_size: int,
     head_dim: int, scale: float, sliding_window: int, softcap: float, sinks=None,
@@ -203,6 +253,22 @@ def paged_attention_portable(
         scale=scale, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
     )
     return out[..., :dm]
+
+
+def mixed_attention_portable(
+    query, key, value, key_cache, value_cache, slot_mapping, cu_seq_lens, block_table, seq_lens, *, layout: str,
+    block_size: int, head_dim: int, scale: float, sliding_window: int, softcap: float, sinks=None,
+):
+    """mixed_attention for a layer with softcap/sinks: one `graphgen::paged_attention` row per new
+    token (`token_rows`) -> (1, T, N, Dm)."""
+    t = query.shape[2]
+    table, lens = token_rows(cu_seq_lens, block_table, seq_lens, t)
+    rows = query[0].transpose(0, 1).unsqueeze(2)  # (T, N, 1, Dm)
+    kv = [x[0].transpose(0, 1).unsqueeze(2) for x in (key, value)]  # (T, Nkv, 1, Dm)
+    out = paged_attention_portable(rows, *kv, key_cache, value_cache, slot_mapping, table, lens, layout=layout,
+                                   block_size=block_size, head_dim=head_dim, scale=scale,
+                                   sliding_window=sliding_window, softcap=softcap, sinks=sinks)
+    return out.transpose(0, 1)  # (T, 1, N, Dm) -> (1, T, N, Dm)
 
 
 def needs_portable(node: fx.Node) -> str | None:
@@ -241,7 +307,8 @@ def _unsupported(node: fx.Node) -> str | None:
 
 
 def paged_attention(gm: fx.GraphModule, phase: str, spec: KVSpec) -> tuple[fx.GraphModule, PassRecord]:
-    """Rewrite every canonical attention node of `gm` for `phase` ("prefill" | "extend" | "decode").
+    """Rewrite every canonical attention node of `gm` for `phase` ("prefill" | "extend" | "mixed" |
+    "decode").
 
     gm is a plain-codegen GraphModule whose user inputs are input_ids/position_ids(/logits_indices);
     the pass appends the phase's remaining inputs and the pools (names in graphgen.spec), in order.
@@ -258,7 +325,7 @@ def paged_attention(gm: fx.GraphModule, phase: str, spec: KVSpec) -> tuple[fx.Gr
             raise ValueError(f"layer {node.kwargs.get('layer_idx')}: {reason}; this model cannot be paged yet")
     inputs = _add_inputs(gm, PHASE_INPUTS[phase] + cache_input_names(spec.num_layers))
     mask_node = None
-    if phase in ("prefill", "extend"):
+    if phase in ("prefill", "extend", "mixed"):
         weights = next(iter(gm.parameters()), None)  # the mask lives where the model does (cpu, cuda)
         device = weights.device if weights is not None else "cpu"
         gm.register_buffer("compressed_causal_mask", compressed_causal_mask(device), persistent=False)
@@ -280,6 +347,10 @@ def paged_attention(gm: fx.GraphModule, phase: str, spec: KVSpec) -> tuple[fx.Gr
             if portable and phase == "prefill":
                 args = (q, k, v, *caches, inputs["slot_mapping"], inputs["cu_seq_lens"])
                 new = gm.graph.call_function(prefill_attention_portable, args, attrs)
+            elif portable and phase == "mixed":
+                args = (q, k, v, *caches, inputs["slot_mapping"], inputs["cu_seq_lens"], inputs["block_table"],
+                        inputs["seq_lens"])
+                new = gm.graph.call_function(mixed_attention_portable, args, attrs)
             elif portable:
                 args = (q, k, v, *caches, inputs["slot_mapping"], inputs["block_table"], inputs["seq_lens"])
                 new = gm.graph.call_function(paged_attention_portable, args, attrs)
@@ -289,6 +360,10 @@ def paged_attention(gm: fx.GraphModule, phase: str, spec: KVSpec) -> tuple[fx.Gr
             elif phase == "extend":
                 args = (q, k, v, *caches, inputs["slot_mapping"], inputs["block_table"], inputs["seq_lens"], mask_node)
                 new = gm.graph.call_function(extend_attention, args, attrs)
+            elif phase == "mixed":
+                args = (q, k, v, *caches, inputs["slot_mapping"], inputs["cu_seq_lens"], inputs["block_table"],
+                        inputs["seq_lens"], mask_node)
+                new = gm.graph.call_function(mixed_attention, args, attrs)
             else:
                 args = (q, k, v, *caches, inputs["slot_mapping"], inputs["block_table"], inputs["seq_lens"])
                 new = gm.graph.call_function(decode_attention, args, attrs)
@@ -326,6 +401,6 @@ def plain_graph_module(ep: torch.export.ExportedProgram) -> fx.GraphModule:
 
 __all__ = [
     "PassRecord", "compressed_causal_mask", "padded_head_dim", "paged_attention", "plain_graph_module",
-    "prefill_attention", "extend_attention", "decode_attention", "write_kv", "needs_portable",
-    "prefill_attention_portable", "paged_attention_portable",
+    "prefill_attention", "extend_attention", "mixed_attention", "decode_attention", "write_kv", "needs_portable",
+    "prefill_attention_portable", "paged_attention_portable", "mixed_attention_portable",
 ]

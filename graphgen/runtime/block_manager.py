@@ -45,6 +45,7 @@ class Block:
         self.hash: int | None = None
         self.prev_hash: int | None = None
         self.token_ids: list[int] = []
+        self.computed = False  # its KV is written, or is by the end of the step being scheduled
 
     def update(self, h: int, prev_hash: int | None, token_ids: list[int]) -> None:
         self.hash, self.prev_hash, self.token_ids = h, prev_hash, list(token_ids)
@@ -52,6 +53,7 @@ class Block:
     def reset(self) -> None:
         self.ref_count = 1
         self.hash, self.prev_hash, self.token_ids = None, None, []
+        self.computed = False
 
 
 class BlockManager:
@@ -103,8 +105,9 @@ class BlockManager:
         if block_id is None:
             return None
         block = self.blocks[block_id]
-        # A hash collision must never hand out KV computed for other tokens.
-        if block.token_ids != token_ids or block.prev_hash != prev_hash:
+        # A hash collision must never hand out KV computed for other tokens, and a block of a
+        # prompt still being prefilled in chunks holds no KV yet.
+        if block.token_ids != token_ids or block.prev_hash != prev_hash or not block.computed:
             return None
         return block_id
 
@@ -144,13 +147,20 @@ class BlockManager:
                 self._register(block_id, h, prev_hash, token_ids)
             seq.block_table.append(block_id)
 
+    def mark_computed(self, seq: Sequence, start: int, stop: int) -> None:
+        """seq's tokens [start, stop) are scheduled: the blocks they fill may serve prefix-cache
+        hits from now on (a hit in the same step reads them after the step's KV writes)."""
+        bs = self.block_size
+        for i in range(start // bs, stop // bs):
+            self.blocks[seq.block_table[i]].computed = True
+
     def deallocate(self, seq: Sequence) -> None:
         for block_id in reversed(seq.block_table):  # the tail goes back first, the prefix survives
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_block_ids[block_id] = None
-        seq.num_cached_tokens = 0
+        seq.num_cached_tokens = seq.num_computed_tokens = 0
         seq.block_table.clear()
 
     def can_append(self, seq: Sequence) -> bool:

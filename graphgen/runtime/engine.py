@@ -13,11 +13,15 @@ from .block_manager import BlockManager, blocks_for_memory
 from .params import RequestOutput, SamplingParams
 from .runner import ModelRunner
 from .sampler import Sampler, stop_string_hit
-from .scheduler import Scheduler
+from .scheduler import Batch, Scheduler
 from .sequence import Sequence
 from .tokenizer import Detokenizer, load_tokenizer
 
 Prompt = str | list[int]
+# Tokens per step while sequences decode (decode rows included): graphgen's CPU linear runs its
+# blocked kernel up to 64 rows of activations (csrc/gemv_linear.cpp), where 16 decode rows plus 48
+# prompt tokens cost little more than the decode rows alone (docs/performance.md).
+DEFAULT_STEP_TOKENS = 64
 
 
 @dataclass
@@ -34,21 +38,28 @@ class StreamEvent:
 
 @dataclass
 class Stats:
-    """Work done by `generate`/`stream` since the LLM was created."""
+    """Work done by `generate`/`stream` since the LLM was created, per kind of step. A mixed step
+    computes prompt chunks and decode rows together: its tokens and time are its own."""
 
     prefill_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_tokens: int = 0
     decode_seconds: float = 0.0
+    mixed_prefill_tokens: int = 0
+    mixed_decode_tokens: int = 0
+    mixed_seconds: float = 0.0
     prefix_cache_hit_blocks: int = 0
     preemptions: int = 0
-    steps: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})
+    steps: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0, "mixed": 0})
 
     def to_dict(self) -> dict:
         rate = lambda n, s: round(n / s, 2) if s > 0 else None  # noqa: E731
+        mixed = self.mixed_prefill_tokens + self.mixed_decode_tokens
         return {
             "prefill_tokens": self.prefill_tokens, "prefill_tokens_per_s": rate(self.prefill_tokens, self.prefill_seconds),
             "decode_tokens": self.decode_tokens, "decode_tokens_per_s": rate(self.decode_tokens, self.decode_seconds),
+            "mixed_prefill_tokens": self.mixed_prefill_tokens, "mixed_decode_tokens": self.mixed_decode_tokens,
+            "mixed_tokens_per_s": rate(mixed, self.mixed_seconds),
             "prefix_cache_hit_blocks": self.prefix_cache_hit_blocks, "steps": dict(self.steps),
         }
 
@@ -68,15 +79,22 @@ class LLM:
     num_blocks / kv_cache_memory size the KV pool (blocks of the manifest's block_size; bytes);
     default: room for max_num_seqs sequences of max_model_len tokens. max_num_seqs may lower the
     artifact's limit, never raise it (the decode graph was compiled for it).
+
+    step_tokens: how many tokens a step computes while sequences are decoding, their decode rows
+    included: prompts ride beside the decode rows in chunks (the mixed graph of cpu/cuda
+    artifacts; Scheduler). Default DEFAULT_STEP_TOKENS, within (max_num_seqs,
+    max_num_batched_tokens]; 0 runs prefills and decodes as separate steps, as artifacts without a
+    mixed graph (npu) always do.
     """
 
     def __init__(self, artifact_dir: str | Path, *, num_blocks: int | None = None, kv_cache_memory: int | None = None,
-                 max_num_seqs: int | None = None, enable_prefix_caching: bool = True, verify_checksums: bool = True):
+                 max_num_seqs: int | None = None, enable_prefix_caching: bool = True, verify_checksums: bool = True,
+                 step_tokens: int | None = None):
         t0 = time.perf_counter()
         # The weights' checksums run in a thread while the weights are read (both release the GIL).
         self.manifest = manifest = read_manifest(artifact_dir, verify=verify_checksums, weights_later=True)
         try:
-            self._load(manifest, num_blocks, kv_cache_memory, max_num_seqs, enable_prefix_caching)
+            self._load(manifest, num_blocks, kv_cache_memory, max_num_seqs, enable_prefix_caching, step_tokens)
         except Exception:
             manifest.wait_verified()  # a corrupt weights file explains a failed load better than what broke
             raise
@@ -84,7 +102,7 @@ class LLM:
         self.load_seconds = time.perf_counter() - t0
 
     def _load(self, manifest: Manifest, num_blocks: int | None, kv_cache_memory: int | None, max_num_seqs: int | None,
-              enable_prefix_caching: bool) -> None:
+              enable_prefix_caching: bool, step_tokens: int | None) -> None:
         _check_versions(manifest)
         if manifest.data.get("device", "cpu") == "cuda" and not torch.cuda.is_available():
             raise ArtifactError(f"{manifest.root}: built for cuda but this machine has no CUDA device; "
@@ -105,12 +123,22 @@ class LLM:
             else:
                 num_blocks = self.max_num_seqs * spec.max_blocks_per_seq + 1  # + the scratch block
         self.block_manager = BlockManager(num_blocks, spec.block_size, enable_prefix_caching=enable_prefix_caching)
+        if "mixed" not in manifest.graphs:
+            if step_tokens:
+                raise ValueError(f"step_tokens={step_tokens}: {manifest.root} has no mixed graph (built for "
+                                 f"{manifest.data.get('device')}), so prefills and decodes run as separate steps; "
+                                 "leave step_tokens unset or pass 0")
+            step_tokens = 0
+        elif step_tokens is None:
+            step_tokens = min(max(DEFAULT_STEP_TOKENS, 2 * self.max_num_seqs), limits["max_num_batched_tokens"])
+            if step_tokens <= self.max_num_seqs:  # no room for prompt tokens beside the decode rows
+                step_tokens = 0
         self.scheduler = Scheduler(
             self.block_manager, max_num_seqs=self.max_num_seqs, max_num_batched_tokens=limits["max_num_batched_tokens"],
             max_model_len=limits["max_model_len"], eos_token_id=manifest.special_tokens["eos"],
             # No padding row in the graph's batch: the runner keeps the advance step's extra row
             # past the rows the decode graph reads.
-            decode_batch_sizes=manifest.graphs["decode"]["batch_sizes"],
+            decode_batch_sizes=manifest.graphs["decode"]["batch_sizes"], step_tokens=step_tokens or None,
         )
         self.runner = ModelRunner(manifest, self.block_manager, self.device)
         self.sampler = Sampler()
@@ -159,12 +187,13 @@ class LLM:
         return bool(self._unfinished)
 
     def step(self) -> list[StreamEvent]:
-        """One scheduler step (a prefill or a decode of the running batch): the tokens it produced,
-        then a final event (with `output`) for every request that ended."""
+        """One scheduler step (a prefill, a decode of the running batch, or a mixed step): the
+        tokens it produced, then a final event (with `output`) for every request that ended."""
         events = []
-        seqs, is_prefill = self.scheduler.schedule()
-        if seqs:
-            tokens = self._step(seqs, is_prefill).tolist()
+        batch = self.scheduler.schedule()
+        if batch:
+            seqs = batch.sampling
+            tokens = self._step(batch).tolist()
             self.scheduler.postprocess(seqs, tokens)
             for seq, token in zip(seqs, tokens):
                 events.append(StreamEvent(-1, seq.request_id, token, self._text_delta(seq, token), seq.is_finished))
@@ -195,21 +224,29 @@ class LLM:
                 self.scheduler.finish(seq, "stop")
         return delta
 
-    def _step(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
-        start = time.perf_counter()
-        if is_prefill:
+    def _step(self, batch: Batch) -> torch.Tensor:
+        """Run the batch's graph; the tokens sampled for `batch.sampling`, in its order."""
+        start, seqs, stats = time.perf_counter(), batch.seqs, self.stats
+        if batch.kind == "prefill":
             logits = self.runner.prefill(seqs)
             self.runner.forget_decode_batch()
             tokens = self.sampler(logits, seqs)
-            self.stats.prefill_tokens += sum(len(s) - s.num_cached_tokens for s in seqs)
-            self.stats.prefill_seconds += time.perf_counter() - start
-            self.stats.steps["prefill"] += 1
-        else:
+            stats.prefill_tokens += sum(batch.num_tokens)
+            stats.prefill_seconds += time.perf_counter() - start
+        elif batch.kind == "decode":
             bucket = self.scheduler.decode_bucket(len(seqs))
             logits = self.runner.decode(seqs, bucket)
             tokens = self.sampler(logits, seqs)
             self.runner.advance(seqs, tokens, bucket)
-            self.stats.decode_tokens += len(seqs)
-            self.stats.decode_seconds += time.perf_counter() - start
-            self.stats.steps["decode"] += 1
+            stats.decode_tokens += len(seqs)
+            stats.decode_seconds += time.perf_counter() - start
+        else:
+            sampling = batch.sampling
+            logits = self.runner.mixed(list(zip(seqs, batch.starts, batch.num_tokens)))
+            self.runner.forget_decode_batch()
+            tokens = self.sampler(logits, sampling) if sampling else torch.empty(0, dtype=torch.int64)
+            stats.mixed_decode_tokens += batch.decode_rows
+            stats.mixed_prefill_tokens += sum(batch.num_tokens) - batch.decode_rows
+            stats.mixed_seconds += time.perf_counter() - start
+        stats.steps[batch.kind] += 1
         return tokens

@@ -57,19 +57,44 @@ class ModelRunner:
     @torch.no_grad()
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
         """Logits (len(seqs), V) at each sequence's last token. Sequences with a prefix-cache hit
-        run one by one through the extend graph (after the packed prefill has written its KV, so a
-        hit on a block filled in this same batch reads finished data)."""
-        # Without an extend graph (npu, block_size not a multiple of 128) a hit recomputes its prompt.
-        extend = "extend" in self.graphs
-        fresh = [s for s in seqs if s.num_cached_tokens == 0 or not extend]
+        run after the packed prefill has written its KV (so a hit on a block filled in this same
+        batch reads finished data): all at once through the mixed graph (cpu/cuda), else one by
+        one through the extend graph (npu)."""
+        # Without either (npu, block_size not a multiple of 128) a hit recomputes its prompt.
+        paged = "mixed" in self.graphs or "extend" in self.graphs
+        fresh = [s for s in seqs if s.num_cached_tokens == 0 or not paged]
+        hits = [s for s in seqs if s.num_cached_tokens and paged]
         logits: dict[int, torch.Tensor] = {}
         for group in ([[s] for s in fresh] if self.prefill_per_sequence else [fresh] if fresh else []):
             for seq, row in zip(group, self._packed_prefill(group)):
                 logits[seq.seq_id] = row
-        for seq in seqs:
-            if seq.num_cached_tokens and extend:
-                logits[seq.seq_id] = self._extend(seq)
+        if hits and "mixed" in self.graphs:
+            rows = self.mixed([(s, s.num_cached_tokens, len(s) - s.num_cached_tokens) for s in hits])
+            logits.update((s.seq_id, row) for s, row in zip(hits, rows))
+        else:
+            logits.update((s.seq_id, self._extend(s)) for s in hits)
         return torch.stack([logits[s.seq_id] for s in seqs])
+
+    @torch.no_grad()
+    def mixed(self, chunks: list[tuple[Sequence, int, int]]) -> torch.Tensor:
+        """One step of the mixed graph: each (seq, start, n) computes seq's tokens [start, start +
+        n) over the KV of those before them. Logits (K, V) for the chunks that reach their
+        sequence's last token, in order (K = 0: an empty tensor)."""
+        ids, pos, slots, ends, kv_lens, last = [], [], [], [], [], []
+        for seq, start, n in chunks:
+            ids += seq.token_ids[start:start + n]
+            pos += range(start, start + n)
+            slots += self.bm.slots(seq, start, start + n)
+            ends.append(len(ids))
+            kv_lens.append(start + n)
+            if start + n == len(seq):
+                last.append(len(ids) - 1)
+        t = lambda xs: torch.tensor(xs, dtype=I64, device=self.device)  # noqa: E731
+        table = torch.stack([self._table_row(seq) for seq, _, _ in chunks])
+        # The graph returns at least one row: with no chunk sampling, that of the last token, unused.
+        logits = self.graphs["mixed"](t(ids)[None], t(pos)[None], t(last or [len(ids) - 1]), t(ends), table,
+                                      t(kv_lens), t(slots), *self.pools)
+        return logits[:len(last)]
 
     def _packed_prefill(self, seqs: list[Sequence]) -> torch.Tensor:
         ids, pos, slots, ends = [], [], [], []

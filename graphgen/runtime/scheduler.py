@@ -1,16 +1,58 @@
-"""Continuous batching: which sequences run next, prefill or decode, and when they are done."""
+"""Continuous batching: which sequences run next, how many of their tokens, and when they are done."""
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
 from .sequence import Sequence, SequenceStatus
 
 
+@dataclass
+class Batch:
+    """One step: seqs[i] computes the KV of its tokens [starts[i], starts[i] + num_tokens[i]) and,
+    where that reaches its last token, samples the next one.
+
+    kind: "prefill" (whole prompts, nothing in the pool yet but prefix-cache hits: the packed
+    prefill graph), "decode" (one token per sequence, its last: the decode graph) or "mixed" (any
+    other mix: chunks of prompts beside decode rows, the mixed graph).
+    """
+
+    seqs: list[Sequence] = field(default_factory=list)
+    kind: str = "decode"
+    starts: list[int] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+    decode_rows: int = 0  # the first entries: running sequences whose last token alone lacks KV
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def sampling(self) -> list[Sequence]:
+        """The sequences that sample a token this step, in step order."""
+        return [s for s, start, n in zip(self.seqs, self.starts, self.num_tokens) if start + n == len(s)]
+
+    def add(self, seq: Sequence, start: int, n: int) -> None:
+        self.seqs.append(seq)
+        self.starts.append(start)
+        self.num_tokens.append(n)
+
+
 class Scheduler:
-    """Prefill waiting prompts first (as many as the token and block budgets allow), otherwise
-    decode every running sequence. When the pool runs dry mid-decode, the newest running sequence
-    is preempted: its blocks are freed and it is recomputed later from all its tokens.
+    """Continuous batching over a paged KV pool, in one of two policies.
+
+    Separate steps (step_tokens None; the NPU's graphs): prefill waiting prompts first, whole, as
+    many as the token and block budgets allow, otherwise decode every running sequence.
+
+    Mixed steps (step_tokens set; cpu/cuda artifacts, which have the mixed graph): every step
+    decodes every running sequence whose prompt is done, then spends what is left of step_tokens
+    on prompts: the rest of those already started, then new ones, a prompt chunked where it does
+    not fit. A decode step streams all the weights for a few rows; the prompt tokens riding in it
+    cost little more (vLLM's chunked prefill). With nothing decoding, a step takes whole prompts up
+    to max_num_batched_tokens, as in the other policy.
+
+    Either way, when the pool runs dry mid-decode the newest running sequence is preempted: its
+    blocks are freed and it is recomputed later from all its tokens.
 
     decode_batch_sizes: the decode graph's batch buckets; the runner pads a batch up to
     `decode_bucket(n)`. require_padding_row keeps one padded row in every decode batch (the NPU
@@ -19,12 +61,18 @@ class Scheduler:
 
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, eos_token_id: int | list[int] | None = None,
-                 decode_batch_sizes: list[int] | None = None, require_padding_row: bool = False):
+                 decode_batch_sizes: list[int] | None = None, require_padding_row: bool = False,
+                 step_tokens: int | None = None):
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
                             ("max_model_len", max_model_len)):
             if value < 1:
                 raise ValueError(f"Scheduler {name} must be >= 1, got {value}")
+        if step_tokens is not None and not max_num_seqs < step_tokens <= max_num_batched_tokens:
+            raise ValueError(f"step_tokens={step_tokens}: a mixed step holds a decode row for each of up to "
+                             f"max_num_seqs={max_num_seqs} sequences and prompt tokens besides, within "
+                             f"max_num_batched_tokens={max_num_batched_tokens}: pick a value in between")
         self.block_manager = block_manager
+        self.step_tokens = step_tokens
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or ())
@@ -76,33 +124,89 @@ class Scheduler:
                     f"raise num_blocks / kv_cache_memory or shorten it")
         return None
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        """The next batch and whether it is a prefill. Empty when nothing is left to run."""
-        scheduled, num_batched_tokens = [], 0
-        while self.waiting and len(self.running) < self.max_running:
+    def schedule(self) -> Batch:
+        """The next step's work; an empty batch when nothing is left to run."""
+        return self._schedule_separate() if self.step_tokens is None else self._schedule_mixed()
+
+    def _schedule_separate(self) -> Batch:
+        batch = Batch(kind="prefill")
+        budget = self.max_num_batched_tokens
+        while (seq := self._next_admission(budget, whole=True)) is not None:
+            self._admit(seq)
+            budget -= len(seq) - seq.num_cached_tokens
+            self._take(batch, seq, len(seq) - seq.num_computed_tokens)
+        if batch:
+            return batch
+        batch = Batch(kind="decode")
+        for seq in self._decode_rows(list(self.running)):
+            self._take(batch, seq, 1)
+        batch.decode_rows = len(batch)
+        return batch
+
+    def _schedule_mixed(self) -> Batch:
+        batch = Batch()
+        for seq in self._decode_rows([s for s in self.running if len(s) - s.num_computed_tokens == 1]):
+            self._take(batch, seq, 1)
+        batch.decode_rows = len(batch)
+        chunking = bool(batch)  # with nothing decoding, prompts go whole (the packed prefill graph)
+        budget = (self.step_tokens if chunking else self.max_num_batched_tokens) - len(batch)
+        for seq in [s for s in self.running if len(s) - s.num_computed_tokens > 1]:
+            if budget <= 0:
+                break
+            n = min(len(seq) - seq.num_computed_tokens, budget)
+            self._take(batch, seq, n)
+            budget -= n
+        while (seq := self._next_admission(budget, whole=not chunking)) is not None:
+            self._admit(seq)
+            n = min(len(seq) - seq.num_computed_tokens, budget)
+            self._take(batch, seq, n)
+            budget -= n
+        whole = all(start == 0 and n == len(s) for s, start, n in zip(batch.seqs, batch.starts, batch.num_tokens))
+        one_each = all(start == len(s) - 1 for s, start in zip(batch.seqs, batch.starts))
+        batch.kind = "prefill" if whole else "decode" if one_each else "mixed"
+        return batch
+
+    def _next_admission(self, budget: int, *, whole: bool) -> Sequence | None:
+        """The waiting sequence to admit next, if one may join now: a free running slot, its
+        blocks, token budget left (for its whole prompt if `whole`). Finishes (abort) waiting
+        sequences that can never run on the way."""
+        while self.waiting and len(self.running) < self.max_running and budget > 0:
             seq = self.waiting[0]
             problem = self._never_fits(seq)
             if problem:
                 self.finish(seq, "abort", problem)
                 continue
-            if (num_batched_tokens + len(seq) > self.max_num_batched_tokens
-                    or not self.block_manager.can_allocate(seq)):
-                break
-            self.block_manager.allocate(seq)
-            num_batched_tokens += len(seq) - seq.num_cached_tokens
-            seq.status = SequenceStatus.RUNNING
-            self.waiting.popleft()
-            self.running.append(seq)
-            scheduled.append(seq)
-        if scheduled:
-            return scheduled, True
+            if (whole and len(seq) > budget) or not self.block_manager.can_allocate(seq):
+                return None
+            return seq
+        return None
 
-        while self.running:
-            seq = self.running.popleft()
+    def _admit(self, seq: Sequence) -> None:
+        self.block_manager.allocate(seq)
+        seq.num_computed_tokens = seq.num_cached_tokens
+        seq.status = SequenceStatus.RUNNING
+        self.waiting.popleft()
+        self.running.append(seq)
+
+    def _take(self, batch: Batch, seq: Sequence, n: int) -> None:
+        """Put seq's next n tokens in the batch; from now on their blocks may serve prefix hits."""
+        start = seq.num_computed_tokens
+        batch.add(seq, start, n)
+        seq.num_computed_tokens = start + n
+        self.block_manager.mark_computed(seq, start, start + n)
+
+    def _decode_rows(self, seqs: list[Sequence]) -> list[Sequence]:
+        """seqs (running, in order) that get the block for their last token, preempting the newest
+        running sequences while the pool has none to give."""
+        rows = []
+        for seq in seqs:
+            if seq not in self.running:  # preempted below to make room for an older one
+                continue
             while not self.block_manager.can_append(seq):
-                if self.running:
-                    self.preempt(self.running.pop())  # the newest goes
-                elif scheduled:
+                newest = self.running[-1]
+                if newest is not seq:
+                    self.preempt(newest)
+                elif rows:
                     self.preempt(seq)  # seq itself is the newest left
                     break
                 else:
@@ -110,9 +214,8 @@ class Scheduler:
                     break
             else:
                 self.block_manager.may_append(seq)
-                scheduled.append(seq)
-        self.running.extendleft(reversed(scheduled))
-        return scheduled, False
+                rows.append(seq)
+        return rows
 
     def _pool_exhausted(self, seq: Sequence) -> str:
         bm = self.block_manager
@@ -122,6 +225,7 @@ class Scheduler:
 
     def preempt(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
+        self.running.remove(seq)
         self.block_manager.deallocate(seq)
         self.waiting.appendleft(seq)
 

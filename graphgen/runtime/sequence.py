@@ -20,6 +20,8 @@ class Sequence:
     block that holds the KV of positions [i * block_size, (i + 1) * block_size).
     num_cached_tokens: how many leading tokens the last allocation found in the prefix cache
     (always a multiple of block_size, always < len(self), so the prefill computes at least one).
+    num_computed_tokens: how many leading tokens have their KV in the pool, counting those of the
+    step being scheduled; a running sequence decodes when only its last token lacks KV.
     """
 
     _ids = count()
@@ -32,6 +34,7 @@ class Sequence:
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(self.token_ids)
         self.num_cached_tokens = 0
+        self.num_computed_tokens = 0
         self.block_table: list[int] = []
         self.status = SequenceStatus.WAITING
         self.sampling_params = sampling_params or SamplingParams()
