@@ -319,15 +319,16 @@ def _pair(workload: Workload, ours: RunStats, theirs: RunStats | None, key: str)
 
 def bench(artifact: str | Path, *, batch_sizes: list[int] = (1, 16), workloads: tuple[str, ...] = ("fixed", "mixed"),
           vs_hf: bool = False, prompt_len: int = 128, output_len: int = 128, repeats: int = 3, seed: int = 0,
-          max_num_seqs: int = 16, mixed_requests: int = MIXED_REQUESTS,
+          max_num_seqs: int = 16, mixed_requests: int = MIXED_REQUESTS, step_tokens: int | None = None,
           progress: Callable[[str], None] | None = None) -> BenchReport:
-    """Measure `artifact` (see the module docstring); `progress` gets a line per stage."""
+    """Measure `artifact` (see the module docstring); `progress` gets a line per stage. step_tokens:
+    the runtime's (`LLM`; None: its default, 0: separate prefill and decode steps)."""
     from .runtime.engine import LLM
 
     say = progress or (lambda line: None)
     say("loading the artifact")
     t = time.perf_counter()
-    llm = LLM(artifact)
+    llm = LLM(artifact, step_tokens=step_tokens)
     load_seconds = time.perf_counter() - t
     m = llm.manifest
     cfg = m.data["model_config"]
@@ -343,7 +344,8 @@ def bench(artifact: str | Path, *, batch_sizes: list[int] = (1, 16), workloads: 
         machine={"threads": torch.get_num_threads(), "torch": torch.__version__, "device": llm.device.type},
         settings={"batch_sizes": list(batch_sizes), "workloads": list(workloads), "vs_hf": vs_hf,
                   "prompt_len": prompt_len, "output_len": output_len, "repeats": repeats, "seed": seed,
-                  "max_num_seqs": max_num_seqs, "mixed_requests": mixed_requests},
+                  "max_num_seqs": max_num_seqs, "mixed_requests": mixed_requests,
+                  "step_tokens": llm.scheduler.step_tokens or 0},
     )
     max_len = m.limits["max_model_len"]
     plen, olen = fit_lengths(prompt_len, output_len, max_len)
@@ -370,7 +372,8 @@ def bench(artifact: str | Path, *, batch_sizes: list[int] = (1, 16), workloads: 
         prompt_hi = min(MIXED_PROMPT_LENS[1], max_len - out_hi)
         mw = mixed_workload(vocab_size=vocab, num_requests=mixed_requests, prompt_lens=(MIXED_PROMPT_LENS[0], prompt_hi),
                             output_lens=(MIXED_OUTPUT_LENS[0], out_hi), avoid=avoid, seed=seed)
-        mllm = llm if seqs >= llm.scheduler.max_running else LLM(artifact, max_num_seqs=seqs, verify_checksums=False)
+        mllm = llm if seqs >= llm.scheduler.max_running else LLM(artifact, max_num_seqs=seqs, verify_checksums=False,
+                                                                    step_tokens=step_tokens)
         cases.append((f"mixed, {mw.num_requests} requests, {seqs} at once", mw,
                       lambda: run_graphgen(mllm, mw, decode=False),
                       lambda hf, pad: run_hf(hf, mw, seqs, pad, decode=False)))
@@ -472,7 +475,8 @@ def print_report(report: BenchReport, console) -> None:
 
 
 def run_bench_cli(artifact: Path, *, batch_sizes: str, workload: str, vs_hf: bool, prompt_len: int,
-                  output_len: int, repeats: int, threads: int | None, as_json: bool, fail, console, out) -> None:
+                  output_len: int, repeats: int, threads: int | None, as_json: bool, fail, console, out,
+                  step_tokens: int | None = None) -> None:
     """`graphgen bench`: parse the options, run, print a table (or JSON on stdout)."""
     import json
     import sys
@@ -494,7 +498,7 @@ def run_bench_cli(artifact: Path, *, batch_sizes: str, workload: str, vs_hf: boo
         torch.set_num_threads(threads)
     try:
         report = bench(artifact, batch_sizes=sizes, workloads=choices[workload], vs_hf=vs_hf, prompt_len=prompt_len,
-                       output_len=output_len, repeats=repeats,
+                       output_len=output_len, repeats=repeats, step_tokens=step_tokens,
                        progress=None if as_json else (lambda line: console.print(f"[dim]{line}[/]", highlight=False)))
     except (ArtifactError, ValueError, RuntimeError) as e:
         fail(str(e))

@@ -271,13 +271,16 @@ def bench(
     repeats: int = typer.Option(3, "--repeats", help="timed runs per measurement (median reported)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    step_tokens: Optional[int] = typer.Option(
+        None, "--step-tokens", help="tokens per step while sequences decode (runtime default; 0: separate "
+        "prefill and decode steps)"),
 ) -> None:
     """Decode tokens/s, a mixed serving workload, TTFT, load time, peak RSS, the roofline; --vs-hf for ratios."""
     from .bench import run_bench_cli
 
     run_bench_cli(artifact, batch_sizes=batch_sizes, workload=workload, vs_hf=vs_hf, prompt_len=prompt_len,
                   output_len=output_len, repeats=repeats, threads=threads, as_json=as_json, fail=_fail,
-                  console=console, out=out)
+                  console=console, out=out, step_tokens=step_tokens)
 
 
 def main() -> None:
