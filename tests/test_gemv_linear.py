@@ -26,7 +26,7 @@ def test_matches_linear(rows, n, k):
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 3, 4, 7, 16, 17])  # 17: ATen's mm
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 16, 17, 64, 130])  # past 16: the blocks on AVX2, ATen's mm with AVX512-BF16
 @pytest.mark.parametrize("n,k", [(37, 771), (2048, 768)])
 def test_bf16_matches_fp32_accumulation_rounded(rows, n, k):
     gen = torch.Generator().manual_seed(rows + n + k)
@@ -40,10 +40,10 @@ def test_bf16_matches_fp32_accumulation_rounded(rows, n, k):
 
 @needs_kernel
 def test_bf16_mm_path_reads_operands_that_start_inside_their_storage():
-    """Contiguous slices with a storage offset (a prefill's rows past the first): the mm path views
-    them in place, with their own offset counted once."""
+    """Contiguous slices with a storage offset (a prefill's rows past the first): the mm path (on
+    CPUs with AVX512-BF16; the blocks elsewhere) views them in place, their own offset counted once."""
     gen = torch.Generator().manual_seed(4)
-    x = torch.randn(60, 64, generator=gen).bfloat16()[10:]  # 50 rows: past the kernel's 16
+    x = torch.randn(60, 64, generator=gen).bfloat16()[10:]  # 50 rows: past the decode rows
     w = torch.randn(40, 64, generator=gen).bfloat16()[8:]
     assert x.is_contiguous() and x.storage_offset() and w.storage_offset()
     y = torch.ops.graphgen.gemv_linear(x, w)

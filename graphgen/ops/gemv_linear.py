@@ -5,11 +5,12 @@ stream from memory. The kernel (csrc/gemv_linear.cpp: AVX2, OpenMP over bands of
 row read once for all of x's 1-4 rows, fp32 accumulation, bf16 rounded to nearest even) is one of
 graphgen's CPU kernels (ops/cpu_kernels.py): compiled graphs call its C shim directly, and this
 op's eager kernel runs the same C function. More rows of x (decode at larger batches,
-compute-bound: 4-64 in fp32, which covers the mixed steps' decode + prefill-chunk rows, 5-16 in
-bf16) run blocks of several x rows over bands of weight rows kept in L1.
+compute-bound: 4-64 in fp32, which covers the mixed steps' decode + prefill-chunk rows, 5 or more
+in bf16) run blocks of several x rows over bands of weight rows kept in L1.
 
-Other shapes (more rows: prefill; strided operands) go to oneDNN's inner product (fp32) or ATen's
-mm (bf16) inside the shim. Where the kernels cannot be built, the op is ATen's linear.
+Other shapes (more fp32 rows: prefill; bf16 past 16 rows where the CPU has AVX512-BF16, whose
+oneDNN mm outruns the blocks; strided operands) go to oneDNN's inner product (fp32) or ATen's mm
+(bf16) inside the shim. Where the kernels cannot be built, the op is ATen's linear.
 """
 from __future__ import annotations
 

@@ -5,11 +5,11 @@
 // the weights stream from memory. MKL's sgemv runs that on one thread on the AVX2 AMD machines
 // this project runs on, oneDNN's inner product reaches ~65% of a plain streaming read; here each
 // thread reads its own contiguous band of weight rows once, R rows at a time, for all M rows of x
-// (docs/performance.md has the measurements). 4-64 fp32 rows and 5-16 bf16 rows (decode at
-// larger batches and the mixed steps' decode + prefill-chunk rows, compute-bound) run blocks of
-// several x rows over bands of weight rows kept in L1 (`gemm_rows_f32`, `gemm_rows`). Other shapes
-// (more rows: prefill; strided operands) go to oneDNN's inner product (fp32) or ATen's mm (bf16),
-// so the op is correct for every input.
+// (docs/performance.md has the measurements). 4-64 fp32 rows and 5 or more bf16 rows (decode at
+// larger batches, mixed steps, bf16 prefill; compute-bound) run blocks of several x rows over
+// bands of weight rows kept in L1 (`gemm_rows_f32`, `gemm_rows`). Other shapes (more fp32 rows:
+// prefill; bf16 past 16 rows on CPUs with native bf16 dot products; strided operands) go to
+// oneDNN's inner product (fp32) or ATen's mm (bf16), so the op is correct for every input.
 #include <torch/csrc/inductor/aoti_torch/c/shim_cpu.h>
 #include <torch/csrc/inductor/aoti_torch/generated/c_shim_cpu.h>
 
@@ -22,11 +22,23 @@ using namespace graphgen;
 
 namespace {
 
-// The most rows of x this kernel takes; more (prefill) go to oneDNN, whose blocking suits large GEMMs.
-// In fp32 the 4x3 blocks beat oneDNN's inner product up to ~64-80 rows on a 125M model's shapes
-// here (10-25% at 32-64 rows); bf16's 2x4 blocks only up to 16.
-constexpr int64_t kMaxRows = 16;
+// The most rows of x this kernel takes in fp32; more (prefill) go to oneDNN, whose blocking suits
+// large GEMMs: the 4x3 blocks beat oneDNN's inner product up to ~64-80 rows on a 125M model's
+// shapes here (10-25% at 32-64 rows).
 constexpr int64_t kMaxRowsF32 = 64;
+// bf16: the most rows where ATen's mm has native bf16 dot products (AVX512-BF16, AMX) and
+// outruns the blocks, which widen bf16 to fp32 in registers; without them (AVX2) ATen's bf16 mm
+// is its generic path, ~3.5x slower than the blocks at 16-256 rows here, so the blocks take all.
+constexpr int64_t kMaxRowsNativeBf16 = 16;
+
+int64_t max_rows_bf16() {
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+  static const int64_t rows = __builtin_cpu_supports("avx512bf16") ? kMaxRowsNativeBf16 : INT64_MAX;
+  return rows;
+#else
+  return kMaxRowsNativeBf16;  // cannot ask the CPU: keep ATen's mm past the decode rows
+#endif
+}
 
 // y[m, n0 + r] = sum_k x[m, k] * w[n0 + r, k] for m < M, r < R, accumulated in fp32: the R weight
 // rows are read once for all M rows of x.
@@ -136,7 +148,7 @@ inline void band(const float* x, const T* w, T* y, int64_t rows, int64_t n0, int
   if (m < rows) tile<T, 1, R>(x + m * K, w, y + m * N, n0, N, K);  // an odd last row
 }
 
-// 5 to kMaxRows rows of x in bf16 (decode at batch 5-16): bands of 4 weight rows, 2 rows of x
+// 5 or more rows of x in bf16 (decode at batch 5-16, mixed steps, prefill): bands of 4 weight rows, 2 rows of x
 // against them (8 accumulators + 8 weight halves + 2 x loads: 4 x-rows would spill).
 template <typename T>
 void gemm_rows(const float* x, const T* w, T* y, int64_t rows, int64_t N, int64_t K) {
@@ -278,7 +290,7 @@ AOTITorchError aoti_torch_cpu_gemv_linear(AtenTensorHandle x, AtenTensorHandle w
   int64_t rows = 1;
   for (int64_t i = 0; i + 1 < xdim; ++i) rows *= xs[i];
   const int64_t N = ws[0], K = ws[1];
-  const bool fast = rows >= 1 && rows <= (f32 ? kMaxRowsF32 : kMaxRows) && contiguous(xdim, xs, xst) && contiguous(2, ws, wst);
+  const bool fast = rows >= 1 && rows <= (f32 ? kMaxRowsF32 : max_rows_bf16()) && contiguous(xdim, xs, xst) && contiguous(2, ws, wst);
   if (!fast && f32)  // oneDNN's inner product: faster than MKL's sgemm here when compute-bound
     return aoti_torch_cpu__linear_pointwise(x, weight, nullptr, "none", nullptr, 0, nullptr, ret0);
 
