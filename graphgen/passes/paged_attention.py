@@ -70,6 +70,13 @@ def _pad_last(x: torch.Tensor, size: int) -> torch.Tensor:
     return x if x.shape[-1] == size else F.pad(x, (0, size - x.shape[-1]))
 
 
+def causal_mode(sliding_window: int) -> dict:
+    """PFA/FIA's masking for a causal layer: sparse_mode 3 (bottom-right causal), or with a window
+    sparse_mode 4's band (pre_tokens = window - 1, next_tokens = 0)."""
+    band = sliding_window > 0
+    return {"pre_tokens": sliding_window - 1 if band else 2147483647, "next_tokens": 0, "sparse_mode": 4 if band else 3}
+
+
 def write_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, kv: torch.Tensor, *, layout: str, block_size: int) -> None:
     """Scatter kv (tokens, Nkv, D) into the pool at flat slots (block * block_size + offset).
     Padded tokens carry slots in the reserved scratch block, so every index is in range."""
@@ -102,7 +109,6 @@ def prefill_attention(
     q = _pad_last(query[0].transpose(0, 1), d)  # (T, N, D)
     k, v = write_new_tokens(key, value, key_cache, value_cache, slot_mapping, head_dim=d, layout=layout,
                             block_size=block_size)  # (T, Nkv, D)
-    band = sliding_window > 0
     out = torch.ops.graphgen.npu_prompt_flash_attention.tensor_lengths(
         q, k, v,
         atten_mask=mask,
@@ -110,11 +116,9 @@ def prefill_attention(
         actual_seq_lengths_kv=cu_seq_lens,
         num_heads=n,
         scale_value=scale,
-        pre_tokens=sliding_window - 1 if band else 2147483647,
-        next_tokens=0,
         input_layout="TND",
         num_key_value_heads=nkv,
-        sparse_mode=4 if band else 3,
+        **causal_mode(sliding_window),
     )
     return out[..., :dm].unsqueeze(0)
 
@@ -161,7 +165,6 @@ def extend_attention(
     nkv, d = key.shape[1], head_dim
     q = _pad_last(query, d)
     write_new_tokens(key, value, key_cache, value_cache, slot_mapping, head_dim=d, layout=layout, block_size=block_size)
-    band = sliding_window > 0
     q_in = q.transpose(1, 2).reshape(1, t, n * d) if layout == "BSH" else q
     out, _ = torch.ops.graphgen.npu_fused_infer_attention_score.tensor_lengths(
         q_in, key_cache, value_cache,
@@ -170,11 +173,9 @@ def extend_attention(
         block_table=block_table,
         num_heads=n,
         scale=scale,
-        pre_tokens=sliding_window - 1 if band else 2147483647,
-        next_tokens=0,
         input_layout=layout,
         num_key_value_heads=nkv,
-        sparse_mode=4 if band else 3,
+        **causal_mode(sliding_window),
         block_size=block_size,
     )
     out = out.view(1, t, n, d) if layout == "BSH" else out.transpose(1, 2)
@@ -193,11 +194,10 @@ def mixed_attention(
     nkv, d = key.shape[1], head_dim
     q = _pad_last(query[0].transpose(0, 1), d)  # (T, N, D)
     write_new_tokens(key, value, key_cache, value_cache, slot_mapping, head_dim=d, layout=layout, block_size=block_size)
-    band = sliding_window > 0
     if layout == "BNSD":  # FIA's TND reads (NB, bs, Nkv*D) pools only: one IFA row per token instead
         table, lens = token_rows(cu_seq_lens, block_table, seq_lens, t)
         atten_mask = None
-        if band:
+        if sliding_window > 0:
             pos = torch.arange(block_table.shape[1] * block_size, device=q.device)
             atten_mask = (pos[None, :] < (lens[:, None] - sliding_window)).unsqueeze(1)
         out = torch.ops.graphgen.npu_incre_flash_attention.tensor_lengths(
@@ -214,11 +214,9 @@ def mixed_attention(
         block_table=block_table,
         num_heads=n,
         scale=scale,
-        pre_tokens=sliding_window - 1 if band else 2147483647,
-        next_tokens=0,
         input_layout="TND",
         num_key_value_heads=nkv,
-        sparse_mode=4 if band else 3,
+        **causal_mode(sliding_window),
         block_size=block_size,
     )
     return out[..., :dm].unsqueeze(0)
