@@ -19,9 +19,11 @@ these decompositions so the whole step is compiled code:
   boolean mask, inlined.
 
 - `npu_fused_infer_attention_score.tensor_lengths` on packed TND tokens over a paged float cache,
-  sparse_mode 3 (the mixed graph's call: chunked prefill beside decode rows): one paged-decode row
-  per token (`paged_decode.token_rows`: its sequence's block-table row, the KV length it sees), so
-  the CPU runs the decode kernel above; no separate kernel for Q_S > 1.
+  sparse_mode 3 (the mixed graph's call: chunked prefill beside decode rows), where graphgen's CPU
+  kernel runs: one paged-decode row per token (`paged_decode.token_rows`: its sequence's
+  block-table row, the KV length it sees), no separate kernel for Q_S > 1. Elsewhere the call
+  stays the reference kernel's, which gathers each sequence's KV once (ATen's paged-decode form
+  would gather it once per token).
 
 - `aten.linear` in fp32 or bf16 on CPU: `graphgen::gemv_linear` (ops/gemv_linear.py), whose C
   shim the compiled graph calls directly: an AVX2 GEMV for decode's first rows, blocks of several
@@ -115,8 +117,8 @@ def _fia(query, key, value, **kw):
     if any(kw.get(name) is not None for name in _FIA_PLAIN_NONE) or kw.get("input_layout", "BSH") != "TND" \
             or table is None or lens is None or lens_kv is None or kw.get("sparse_mode", 0) != 3 \
             or kw.get("atten_mask") is None or kw.get("softmax_lse_flag", False) or query.dtype not in FLOATS \
-            or key.dtype != query.dtype or key.dim() != 3:
-        return NotImplemented
+            or key.dtype != query.dtype or key.dim() != 3 or not paged_decode_op.kernel_runs(query):
+        return NotImplemented  # without the kernel, the reference gathers per sequence, not per token
     t, n, d = query.shape
     rows, row_lens = paged_decode_op.token_rows(lens, table, lens_kv, t)
     out = paged_decode(query.unsqueeze(1), key, value, rows, row_lens, num_heads=n,
