@@ -193,7 +193,7 @@ class LLM:
         batch = self.scheduler.schedule()
         if batch:
             seqs = batch.sampling
-            tokens = self._step(batch).tolist()
+            tokens = self._step(batch, seqs).tolist()
             self.scheduler.postprocess(seqs, tokens)
             for seq, token in zip(seqs, tokens):
                 events.append(StreamEvent(-1, seq.request_id, token, self._text_delta(seq, token), seq.is_finished))
@@ -224,8 +224,8 @@ class LLM:
                 self.scheduler.finish(seq, "stop")
         return delta
 
-    def _step(self, batch: Batch) -> torch.Tensor:
-        """Run the batch's graph; the tokens sampled for `batch.sampling`, in its order."""
+    def _step(self, batch: Batch, sampling: list[Sequence]) -> torch.Tensor:
+        """Run the batch's graph; the tokens sampled for `sampling` (`batch.sampling`), in its order."""
         start, seqs, stats = time.perf_counter(), batch.seqs, self.stats
         if batch.kind == "prefill":
             logits = self.runner.prefill(seqs)
@@ -241,7 +241,6 @@ class LLM:
             stats.decode_tokens += len(seqs)
             stats.decode_seconds += time.perf_counter() - start
         else:
-            sampling = batch.sampling
             logits = self.runner.mixed(list(zip(seqs, batch.starts, batch.num_tokens)))
             self.runner.forget_decode_batch()
             tokens = self.sampler(logits, sampling) if sampling else torch.empty(0, dtype=torch.int64)

@@ -30,6 +30,8 @@ class Batch:
     @property
     def sampling(self) -> list[Sequence]:
         """The sequences that sample a token this step, in step order."""
+        if self.kind == "decode":
+            return self.seqs
         return [s for s, start, n in zip(self.seqs, self.starts, self.num_tokens) if start + n == len(s)]
 
     def add(self, seq: Sequence, start: int, n: int) -> None:
@@ -145,12 +147,17 @@ class Scheduler:
 
     def _schedule_mixed(self) -> Batch:
         batch = Batch()
-        for seq in self._decode_rows([s for s in self.running if len(s) - s.num_computed_tokens == 1]):
+        decoding, prompting = [], []
+        for seq in self.running:
+            (decoding if len(seq) - seq.num_computed_tokens == 1 else prompting).append(seq)
+        for seq in self._decode_rows(decoding):
             self._take(batch, seq, 1)
         batch.decode_rows = len(batch)
         chunking = bool(batch)  # with nothing decoding, prompts go whole (the packed prefill graph)
         budget = (self.step_tokens if chunking else self.max_num_batched_tokens) - len(batch)
-        for seq in [s for s in self.running if len(s) - s.num_computed_tokens > 1]:
+        for seq in prompting:
+            if seq.status is not SequenceStatus.RUNNING:  # preempted for a decode row's block
+                continue
             if budget <= 0:
                 break
             n = min(len(seq) - seq.num_computed_tokens, budget)
@@ -161,9 +168,13 @@ class Scheduler:
             n = min(len(seq) - seq.num_computed_tokens, budget)
             self._take(batch, seq, n)
             budget -= n
-        whole = all(start == 0 and n == len(s) for s, start, n in zip(batch.seqs, batch.starts, batch.num_tokens))
-        one_each = all(start == len(s) - 1 for s, start in zip(batch.seqs, batch.starts))
-        batch.kind = "prefill" if whole else "decode" if one_each else "mixed"
+        if len(batch) == batch.decode_rows:
+            batch.kind = "decode"
+        elif not batch.decode_rows and all(start == 0 and n == len(s) for s, start, n
+                                           in zip(batch.seqs, batch.starts, batch.num_tokens)):
+            batch.kind = "prefill"  # whole prompts, no prefix hits: the packed prefill graph
+        else:
+            batch.kind = "mixed"
         return batch
 
     def _next_admission(self, budget: int, *, whole: bool) -> Sequence | None:
@@ -193,14 +204,16 @@ class Scheduler:
         start = seq.num_computed_tokens
         batch.add(seq, start, n)
         seq.num_computed_tokens = start + n
-        self.block_manager.mark_computed(seq, start, start + n)
+        bs = self.block_manager.block_size
+        if (start + n) // bs > start // bs:  # fills a block
+            self.block_manager.mark_computed(seq, start, start + n)
 
     def _decode_rows(self, seqs: list[Sequence]) -> list[Sequence]:
         """seqs (running, in order) that get the block for their last token, preempting the newest
         running sequences while the pool has none to give."""
         rows = []
         for seq in seqs:
-            if seq not in self.running:  # preempted below to make room for an older one
+            if seq.status is not SequenceStatus.RUNNING:  # preempted below to make room for an older one
                 continue
             while not self.block_manager.can_append(seq):
                 newest = self.running[-1]
