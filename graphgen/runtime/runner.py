@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..artifact import Manifest
+from ..ops.advance_step import advance_rows
 from ..spec import DTYPES, cache_input_names
 from .block_manager import BlockManager
 from .graphs import load_graphs
@@ -183,11 +184,12 @@ class ModelRunner:
         """Move the decode inputs of `seqs` (rows 0..n-1 of a `bucket`-row batch) to their next
         token in place: the vLLM step the NPU runs eagerly between graph calls."""
         rows = bucket + 1  # rows past len(seqs) are padding, left as they are
-        torch.ops.graphgen.npu_advance_step_flashattn(
-            self.input_ids[:rows], sampled.to(device=self.device, dtype=I64), self.positions[:rows],
-            self.seq_lens[:rows], self.slot_mapping[:rows], self.block_table[:rows],
-            rows, len(seqs), self.spec.block_size,
-        )
+        args = (self.input_ids[:rows], sampled.to(device=self.device, dtype=I64), self.positions[:rows],
+                self.seq_lens[:rows], self.slot_mapping[:rows], self.block_table[:rows])
+        if self.device.type == "npu":  # the device op, as the deployment runs it
+            torch.ops.graphgen.npu_advance_step_flashattn(*args, rows, len(seqs), self.spec.block_size)
+        else:  # the same update without the op's checks and dispatch: inputs this runner keeps valid
+            advance_rows(*args, len(seqs), self.spec.block_size)
         self._rows = [s.seq_id for s in seqs]
 
     def forget_decode_batch(self) -> None:
