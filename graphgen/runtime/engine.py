@@ -19,8 +19,9 @@ from .tokenizer import Detokenizer, load_tokenizer
 
 Prompt = str | list[int]
 # Tokens per step while sequences decode (decode rows included): graphgen's CPU linear runs its
-# blocked kernel up to 64 rows of activations (csrc/gemv_linear.cpp), where 16 decode rows plus 48
-# prompt tokens cost little more than the decode rows alone (docs/performance.md).
+# blocked kernel up to 64 rows of activations (csrc/gemv_linear.cpp), and a step of 16 decode rows
+# and 48 prompt tokens costs 25-60 ms less there than a decode step plus the same prompt tokens
+# alone (bench-125m; docs/performance.md).
 DEFAULT_STEP_TOKENS = 64
 
 

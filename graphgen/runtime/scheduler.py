@@ -49,9 +49,10 @@ class Scheduler:
     Mixed steps (step_tokens set; cpu/cuda artifacts, which have the mixed graph): every step
     decodes every running sequence whose prompt is done, then spends what is left of step_tokens
     on prompts: the rest of those already started, then new ones, a prompt chunked where it does
-    not fit. A decode step streams all the weights for a few rows; the prompt tokens riding in it
-    cost little more (vLLM's chunked prefill). With nothing decoding, a step takes whole prompts up
-    to max_num_batched_tokens, as in the other policy.
+    not fit (vLLM's chunked prefill). A decode step of a few rows streams all the weights without
+    keeping the cores busy; prompt tokens in the same step share that stream, and no long prompt
+    stalls the decoding sequences for a whole prefill. With nothing decoding, a step takes whole
+    prompts up to max_num_batched_tokens, as in the other policy.
 
     Either way, when the pool runs dry mid-decode the newest running sequence is preempted: its
     blocks are freed and it is recomputed later from all its tokens.
