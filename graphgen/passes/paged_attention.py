@@ -190,22 +190,13 @@ def mixed_attention(
     N, Dm). Sequence b's tokens end at cu_seq_lens[b] and its KV, the new tokens included, is
     seq_lens[b] long: its i-th of q_b new tokens sees positions <= seq_lens[b] - q_b + i through
     block_table[b] (bottom-right causal; a window keeps the last `sliding_window` of those)."""
-    _, n, t, dm = query.shape
-    nkv, d = key.shape[1], head_dim
+    if layout == "BNSD":  # FIA's TND reads (NB, bs, Nkv*D) pools only: one decode (IFA) row per token
+        return _per_token(decode_attention, query, key, value, key_cache, value_cache, slot_mapping, cu_seq_lens,
+                          block_table, seq_lens, layout=layout, block_size=block_size, head_dim=head_dim,
+                          scale=scale, sliding_window=sliding_window)
+    n, nkv, dm, d = query.shape[1], key.shape[1], query.shape[-1], head_dim
     q = _pad_last(query[0].transpose(0, 1), d)  # (T, N, D)
     write_new_tokens(key, value, key_cache, value_cache, slot_mapping, head_dim=d, layout=layout, block_size=block_size)
-    if layout == "BNSD":  # FIA's TND reads (NB, bs, Nkv*D) pools only: one IFA row per token instead
-        table, lens = token_rows(cu_seq_lens, block_table, seq_lens, t)
-        atten_mask = None
-        if sliding_window > 0:
-            pos = torch.arange(block_table.shape[1] * block_size, device=q.device)
-            atten_mask = (pos[None, :] < (lens[:, None] - sliding_window)).unsqueeze(1)
-        out = torch.ops.graphgen.npu_incre_flash_attention.tensor_lengths(
-            q.unsqueeze(2), key_cache, value_cache, atten_mask=atten_mask, actual_seq_lengths=lens,
-            block_table=table, num_heads=n, scale_value=scale, input_layout="BNSD", num_key_value_heads=nkv,
-            block_size=block_size,
-        )
-        return out[:, :, 0, :dm].unsqueeze(0)
     out, _ = torch.ops.graphgen.npu_fused_infer_attention_score.tensor_lengths(
         q, key_cache, value_cache,
         atten_mask=mask,
@@ -258,14 +249,21 @@ def mixed_attention_portable(
     block_size: int, head_dim: int, scale: float, sliding_window: int, softcap: float, sinks=None,
 ):
     """mixed_attention for a layer with softcap/sinks: one `graphgen::paged_attention` row per new
-    token (`token_rows`) -> (1, T, N, Dm)."""
-    t = query.shape[2]
-    table, lens = token_rows(cu_seq_lens, block_table, seq_lens, t)
-    rows = query[0].transpose(0, 1).unsqueeze(2)  # (T, N, 1, Dm)
-    kv = [x[0].transpose(0, 1).unsqueeze(2) for x in (key, value)]  # (T, Nkv, 1, Dm)
-    out = paged_attention_portable(rows, *kv, key_cache, value_cache, slot_mapping, table, lens, layout=layout,
-                                   block_size=block_size, head_dim=head_dim, scale=scale,
-                                   sliding_window=sliding_window, softcap=softcap, sinks=sinks)
+    token -> (1, T, N, Dm)."""
+    return _per_token(paged_attention_portable, query, key, value, key_cache, value_cache, slot_mapping, cu_seq_lens,
+                      block_table, seq_lens, layout=layout, block_size=block_size, head_dim=head_dim, scale=scale,
+                      sliding_window=sliding_window, softcap=softcap, sinks=sinks)
+
+
+def _per_token(attention, query, key, value, key_cache, value_cache, slot_mapping, cu_seq_lens, block_table,
+               seq_lens, **attrs):
+    """The mixed phase's packed tokens (query (1, N, T, Dm), key/value (1, Nkv, T, Dm)) through a
+    decode-shaped `attention` (decode_attention, paged_attention_portable: one new token per row,
+    written at its slot first), each token a row with its sequence's block table and the KV
+    length it sees (`token_rows`) -> (1, T, N, Dm)."""
+    table, lens = token_rows(cu_seq_lens, block_table, seq_lens, query.shape[2])
+    q, k, v = (x[0].transpose(0, 1).unsqueeze(2) for x in (query, key, value))  # (T, heads, 1, Dm)
+    out = attention(q, k, v, key_cache, value_cache, slot_mapping, table, lens, **attrs)
     return out.transpose(0, 1)  # (T, 1, N, Dm) -> (1, T, N, Dm)
 
 

@@ -148,8 +148,9 @@ inline void band(const float* x, const T* w, T* y, int64_t rows, int64_t n0, int
   if (m < rows) tile<T, 1, R>(x + m * K, w, y + m * N, n0, N, K);  // an odd last row
 }
 
-// 5 or more rows of x in bf16 (decode at batch 5-16, mixed steps, prefill): bands of 4 weight rows, 2 rows of x
-// against them (8 accumulators + 8 weight halves + 2 x loads: 4 x-rows would spill).
+// 5 or more rows of x in bf16 (decode at batch 5-16, mixed steps, prefill): bands of 4 weight
+// rows, 2 rows of x against them (8 accumulators + 8 weight halves + 2 x loads: 4 x-rows would
+// spill).
 template <typename T>
 void gemm_rows(const float* x, const T* w, T* y, int64_t rows, int64_t N, int64_t K) {
   constexpr int R = 4;
@@ -290,7 +291,8 @@ AOTITorchError aoti_torch_cpu_gemv_linear(AtenTensorHandle x, AtenTensorHandle w
   int64_t rows = 1;
   for (int64_t i = 0; i + 1 < xdim; ++i) rows *= xs[i];
   const int64_t N = ws[0], K = ws[1];
-  const bool fast = rows >= 1 && rows <= (f32 ? kMaxRowsF32 : max_rows_bf16()) && contiguous(xdim, xs, xst) && contiguous(2, ws, wst);
+  const bool fast = rows >= 1 && rows <= (f32 ? kMaxRowsF32 : max_rows_bf16()) && contiguous(xdim, xs, xst) &&
+                    contiguous(2, ws, wst);
   if (!fast && f32)  // oneDNN's inner product: faster than MKL's sgemm here when compute-bound
     return aoti_torch_cpu__linear_pointwise(x, weight, nullptr, "none", nullptr, 0, nullptr, ret0);
 

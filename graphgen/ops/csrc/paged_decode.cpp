@@ -318,8 +318,9 @@ AOTITorchError aoti_torch_cpu_paged_decode_attention(AtenTensorHandle query, Ate
                 static_cast<long long>(s.D), static_cast<long long>(s.Nkv), static_cast<long long>(ks[3]),
                 static_cast<long long>(sizes[3][0]), static_cast<long long>(sizes[4][0]));
   std::vector<int64_t> table, lens;
-  if ((err = read_ints(block_table, s.B * s.M, sizes[3], strides[3], 2, table, "paged_decode_attention", "block_table")) ||
-      (err = read_ints(seq_lens, s.B, sizes[4], strides[4], 1, lens, "paged_decode_attention", "seq_lens")))
+  const char* op = "paged_decode_attention";
+  if ((err = read_ints(block_table, s.B * s.M, sizes[3], strides[3], 2, table, op, "block_table")) ||
+      (err = read_ints(seq_lens, s.B, sizes[4], strides[4], 1, lens, op, "seq_lens")))
     return err;
   int64_t out_strides[3];
   contiguous_strides(3, qs, out_strides);
