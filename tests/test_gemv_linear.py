@@ -1,4 +1,4 @@
-"""graphgen::gemv_linear: the fp32 CPU linear compiled decode graphs call as a C shim. The eager
+"""graphgen::gemv_linear: the fp32/bf16 CPU linear compiled graphs call as a C shim. The eager
 op runs the same C function through AOTI tensor handles, so these tests check the kernel itself."""
 from __future__ import annotations
 
@@ -15,19 +15,24 @@ needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX2 o
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 8, 15, 16, 17, 40, 63, 64, 65, 90])  # fp32 1-3: GEMV; 4-64: bands (fours + a 1-3 row tail); more: oneDNN
-@pytest.mark.parametrize("n,k", [(37, 771), (8, 16), (2048, 768), (3, 5)])  # ragged N (R rows at a time) and K (8 lanes)
+# 1-3 rows: the GEMV. 4 or more: panels of 16 rows (a last panel of 1-8 rows takes one vector, 9-16
+# two) in chunks of 8 panels (130, 300: several chunks).
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 15, 16, 17, 24, 25, 40, 63, 64, 65, 130, 300])
+# ragged N (6 weight rows per kernel call, 12 per group) and K (8 lanes); K past 1024 runs in blocks
+@pytest.mark.parametrize("n,k", [(37, 771), (8, 16), (2048, 768), (3, 5), (13, 2100)])
 def test_matches_linear(rows, n, k):
     gen = torch.Generator().manual_seed(rows * 1000 + n + k)
     x, w = torch.randn(rows, k, generator=gen), torch.randn(n, k, generator=gen)
     y = torch.ops.graphgen.gemv_linear(x, w)
     assert y.shape == (rows, n) and y.is_contiguous()
-    torch.testing.assert_close(y, torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-4)
+    exact = torch.nn.functional.linear(x.double(), w.double()).float()
+    # fp32 sums of k products: rounding grows with k (at k = 2100, 1.1e-4 was seen once in 3900)
+    torch.testing.assert_close(y, exact, rtol=1e-5, atol=1e-4 * max(1.0, k / 1024))
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 3, 4, 7, 16, 17, 64, 130])  # past 16: the blocks on AVX2, ATen's mm with AVX512-BF16
-@pytest.mark.parametrize("n,k", [(37, 771), (2048, 768)])
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 16, 17, 64, 130])  # past 16: the panels on AVX2, ATen's mm with AVX512-BF16
+@pytest.mark.parametrize("n,k", [(37, 771), (2048, 768), (13, 2100)])
 def test_bf16_matches_fp32_accumulation_rounded(rows, n, k):
     gen = torch.Generator().manual_seed(rows + n + k)
     x = torch.randn(rows, k, generator=gen).bfloat16()
@@ -41,7 +46,7 @@ def test_bf16_matches_fp32_accumulation_rounded(rows, n, k):
 @needs_kernel
 def test_bf16_mm_path_reads_operands_that_start_inside_their_storage():
     """Contiguous slices with a storage offset (a prefill's rows past the first): the mm path (on
-    CPUs with AVX512-BF16; the blocks elsewhere) views them in place, their own offset counted once."""
+    CPUs with AVX512-BF16; the panels elsewhere) views them in place, their own offset counted once."""
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(60, 64, generator=gen).bfloat16()[10:]  # 50 rows: past the decode rows
     w = torch.randn(40, 64, generator=gen).bfloat16()[8:]
@@ -65,7 +70,7 @@ def test_leading_dims_and_strided_operands():
     x = torch.randn(2, 1, 64, generator=gen)  # decode's (B, S=1, H)
     w = torch.randn(24, 64, generator=gen)
     torch.testing.assert_close(torch.ops.graphgen.gemv_linear(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
-    x = torch.randn(3, 5, 64, generator=gen)  # 15 rows through leading dims: the band path
+    x = torch.randn(3, 5, 64, generator=gen)  # 15 rows through leading dims: the panels
     torch.testing.assert_close(torch.ops.graphgen.gemv_linear(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
     xs = torch.randn(3, 128, generator=gen)[:, ::2]  # strided: the shim hands it to oneDNN
     wt = torch.randn(64, 24, generator=gen).T  # a transposed weight too
@@ -91,7 +96,7 @@ def test_fake_kernel_gives_the_output_shape():
 def test_thread_count_does_not_change_results():
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(300, 256, generator=gen)
-    for rows in (1, 11):  # the GEMV and the band path
+    for rows in (1, 11, 300):  # the GEMV, one panel, several chunks of panels
         x = torch.randn(rows, 256, generator=gen)
         try:
             cpu_kernels.set_num_threads(1)

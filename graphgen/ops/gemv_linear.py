@@ -2,15 +2,16 @@
 
 Batch-1 decode is one matrix-vector product per weight matrix, bound by how fast the weights
 stream from memory. The kernel (csrc/gemv_linear.cpp: AVX2, OpenMP over bands of weight rows, each
-row read once for all of x's 1-4 rows, fp32 accumulation, bf16 rounded to nearest even) is one of
+row read once for all of x's 1-3 rows, fp32 accumulation, bf16 rounded to nearest even) is one of
 graphgen's CPU kernels (ops/cpu_kernels.py): compiled graphs call its C shim directly, and this
-op's eager kernel runs the same C function. More rows of x (decode at larger batches,
-compute-bound: 4-64 in fp32, which covers the mixed steps' decode + prefill-chunk rows, 5 or more
-in bf16) run blocks of several x rows over bands of weight rows kept in L1.
+op's eager kernel runs the same C function. 4 or more rows of x (decode at larger batches, mixed
+steps, prefill: compute-bound) run panels: x transposed into panels of 16 rows, an outer-product
+microkernel over 6 weight rows at a time, the weights prefetched ahead (bf16 weights widened to
+fp32 a tile at a time).
 
-Other shapes (more fp32 rows: prefill; bf16 past 16 rows where the CPU has AVX512-BF16, whose
-oneDNN mm outruns the blocks; strided operands) go to oneDNN's inner product (fp32) or ATen's mm
-(bf16) inside the shim. Where the kernels cannot be built, the op is ATen's linear.
+Other inputs go to ATen inside the shim: strided operands (oneDNN's inner product in fp32, ATen's
+mm in bf16), and bf16 past 16 rows where the CPU has AVX512-BF16, whose mm outruns the panels.
+Where the kernels cannot be built, the op is ATen's linear.
 """
 from __future__ import annotations
 

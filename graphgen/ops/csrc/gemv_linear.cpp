@@ -1,18 +1,19 @@
-// graphgen::gemv_linear (graphgen/ops/gemv_linear.py): y = x @ weight.T in fp32 on the CPU, as an
-// AOTInductor C shim (aoti_torch_cpu_gemv_linear) that compiled graphs call directly.
+// graphgen::gemv_linear (graphgen/ops/gemv_linear.py): y = x @ weight.T in fp32 or bf16 on the CPU,
+// as an AOTInductor C shim (aoti_torch_cpu_gemv_linear) that compiled graphs call directly.
 //
-// Decode multiplies 1-4 activation rows by every weight matrix, so a step is bound by how fast
-// the weights stream from memory. MKL's sgemv runs that on one thread on the AVX2 AMD machines
-// this project runs on, oneDNN's inner product reaches ~65% of a plain streaming read; here each
-// thread reads its own contiguous band of weight rows once, R rows at a time, for all M rows of x
-// (docs/performance.md has the measurements). 4-64 fp32 rows and 5 or more bf16 rows (decode at
-// larger batches, mixed steps, bf16 prefill; compute-bound) run blocks of several x rows over
-// bands of weight rows kept in L1 (`gemm_rows_f32`, `gemm_rows`). Other shapes (more fp32 rows:
-// prefill; bf16 past 16 rows on CPUs with native bf16 dot products; strided operands) go to
-// oneDNN's inner product (fp32) or ATen's mm (bf16), so the op is correct for every input.
+// Batch-1 decode multiplies 1-3 activation rows by every weight matrix, so a step is bound by how
+// fast the weights stream from memory. MKL's sgemv runs that on one thread on the AVX2 AMD machines
+// this project runs on, and oneDNN's inner product reaches ~65% of a plain streaming read. Here
+// (`gemv`) each thread reads its own contiguous band of weight rows once, R rows at a time, for all
+// rows of x. 4 or more rows (decode at larger batches, mixed steps, prefill) run panels
+// (`gemm_panels`): x transposed into panels of 16 rows, an outer-product microkernel, weight tiles
+// prefetched ahead. docs/performance.md has the measurements. Other inputs go to ATen: strided
+// operands (oneDNN's inner product in fp32, ATen's mm in bf16), and bf16 past 16 rows on CPUs with
+// native bf16 dot products (ATen's mm), so the op is correct for every input.
 #include <torch/csrc/inductor/aoti_torch/c/shim_cpu.h>
 #include <torch/csrc/inductor/aoti_torch/generated/c_shim_cpu.h>
 
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -22,13 +23,11 @@ using namespace graphgen;
 
 namespace {
 
-// The most rows of x this kernel takes in fp32; more (prefill) go to oneDNN, whose blocking suits
-// large GEMMs: the 4x3 blocks beat oneDNN's inner product up to ~64-80 rows on a 125M model's
-// shapes here (10-25% at 32-64 rows).
-constexpr int64_t kMaxRowsF32 = 64;
-// bf16: the most rows where ATen's mm has native bf16 dot products (AVX512-BF16, AMX) and
-// outruns the blocks, which widen bf16 to fp32 in registers; without them (AVX2) ATen's bf16 mm
-// is its generic path, ~3.5x slower than the blocks at 16-256 rows here, so the blocks take all.
+// Rows of x from which the panels run; fewer take the GEMV (`gemv`).
+constexpr int64_t kMinPanelRows = 4;
+// bf16: the most rows this kernel takes where ATen's mm has native bf16 dot products (AVX512-BF16,
+// AMX) and outruns the panels, which widen bf16 to fp32; without them (AVX2) ATen's bf16 mm is its
+// generic path, ~3.5x slower than this kernel at 16-256 rows here, so the kernel takes all rows.
 constexpr int64_t kMaxRowsNativeBf16 = 16;
 
 int64_t max_rows_bf16() {
@@ -139,71 +138,206 @@ void gemv(const float* x, const T* w, T* y, int64_t N, int64_t K) {
   for (int64_t n = full; n < N; ++n) tile<T, M, 1>(x, w, y, n, N, K);
 }
 
-// R weight rows from n0 times every row of x, 2 rows of x at a time: the R rows come from memory
-// once and stay in L1 while each pair of x's rows (in L2) runs over them.
-template <typename T, int R>
-inline void band(const float* x, const T* w, T* y, int64_t rows, int64_t n0, int64_t N, int64_t K) {
-  int64_t m = 0;
-  for (; m + 2 <= rows; m += 2) tile<T, 2, R>(x + m * K, w, y + m * N, n0, N, K);
-  if (m < rows) tile<T, 1, R>(x + m * K, w, y + m * N, n0, N, K);  // an odd last row
+// ---- Panels: 4 or more rows of x (decode at batch 4+, mixed steps, prefill) ----
+//
+// Dot-product blocks (`block`) need a load of x and one of the weights for every FMA, with x's rows
+// coming from L2 for each band of weight rows; that held 4-64 rows to ~55-60% of the FMA peak.
+// Here x is transposed once per call into panels of 16 rows (K x 16 fp32, `pack_panel`), and the
+// microkernel (`panel_kernel`) takes outer products: per k, two loads of a panel and a broadcast of
+// each of 6 weights feed 12 FMAs into 12 accumulators, with no horizontal sums. In L1 it runs at
+// ~98% of a core's FMA peak here; on a model's weights, which come from memory, the weight stream
+// sets the pace, so each group of weight rows prefetches the group kAheadGroups after it, a line
+// every few k steps (docs/performance.md has the measurements). bf16 weights are widened a tile at a
+// time (a group's rows over a block of K) into a per-thread fp32 buffer that the same kernel reads.
+constexpr int kPanelRows = 16;        // rows of x per panel: 2 vectors
+constexpr int kBandRows = 6;          // weight rows per microkernel call: 12 accumulators + 2 + 1
+constexpr int kGroupBands = 2;        // bands a thread runs over a whole chunk of panels
+constexpr int64_t kAheadGroups = 2;   // prefetch distance, in groups (1 and 4 were slower)
+constexpr int64_t kMaxKBlock = 1024;  // longer K runs in blocks, summed in the scratch tile
+constexpr int64_t kChunkPanels = 8;   // 128 rows of x per pass over the weights (prefill)
+
+inline void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20), r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20), r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31), r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31), r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
-// 5 or more rows of x in bf16 (decode at batch 5-16, mixed steps, prefill): bands of 4 weight
-// rows, 2 rows of x against them (8 accumulators + 8 weight halves + 2 x loads: 4 x-rows would
-// spill).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {  // 8 bf16 -> fp32: each into the high half of a lane
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
+// Columns [k0, k1) of panel p: out[p][k][j] = x[16 p + j][k] as fp32, zero past the last row.
 template <typename T>
-void gemm_rows(const float* x, const T* w, T* y, int64_t rows, int64_t N, int64_t K) {
-  constexpr int R = 4;
-  const int64_t full = N / R * R;
-#pragma omp parallel for schedule(static) num_threads(threads())
-  for (int64_t n = 0; n < full; n += R) band<T, R>(x, w, y, rows, n, N, K);
-  for (int64_t n = full; n < N; ++n) band<T, 1>(x, w, y, rows, n, N, K);
+void pack_panel(const T* x, int64_t rows, int64_t K, float* out, int64_t p, int64_t k0, int64_t k1) {
+  float* o = out + p * K * kPanelRows;
+  const int64_t m0 = p * kPanelRows;
+  int64_t k = k0;
+  for (; k + 8 <= k1; k += 8)
+    for (int half = 0; half < 2; ++half) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) {
+        const int64_t m = m0 + half * 8 + i;
+        r[i] = m < rows ? load8(x + m * K + k) : _mm256_setzero_ps();
+      }
+      transpose8(r);
+      for (int i = 0; i < 8; ++i) _mm256_store_ps(o + (k + i) * kPanelRows + half * 8, r[i]);
+    }
+  for (; k < k1; ++k)
+    for (int64_t j = 0; j < kPanelRows; ++j) o[k * kPanelRows + j] = m0 + j < rows ? to_float(x[(m0 + j) * K + k]) : 0.f;
 }
 
-// R fp32 weight rows from n0 times every row of x, 4 rows of x at a time (12 accumulators + 3
-// weight loads + 1 x load fill the 16 registers; 4 x 3 beat 2 x 4, 3 x 4 and 3 x 3 in L1 here).
-// Each pass over the band also prefetches a slice of `ahead` (the band kAheadBands after this one),
-// so its weights are in L1 before the first pass over it: without that, that pass waits on memory
-// and the whole step ran at ~50 GFLOPS instead of ~80-90.
+// Rows of a weight tile to `every` k steps of the microkernel, a line at a time, then nothing.
+struct Prefetch {
+  const char* next = nullptr;
+  int64_t lines = 0;
+  int64_t every = int64_t{1} << 40;
+};
+
+// acc[i][8 v + l] (+)= sum_{k < len} w[i * ldw + k] * panel[k][8 v + l] for i < R, v < V: R weight
+// rows against V vectors of a panel (V = 1: a last panel of at most 8 rows).
+template <int R, int V>
+inline void panel_kernel(const float* w, int64_t ldw, const float* panel, int64_t len, float* acc, bool accumulate,
+                         Prefetch& pf) {
+  __m256 a[R][V];
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < V; ++v) a[i][v] = accumulate ? _mm256_load_ps(acc + i * kPanelRows + v * 8) : _mm256_setzero_ps();
+  for (int64_t k = 0; k < len;) {
+    const int64_t stop = std::min(len, k + pf.every);
+#pragma GCC unroll 4
+    for (; k < stop; ++k) {
+      __m256 xv[V];
+      for (int v = 0; v < V; ++v) xv[v] = _mm256_load_ps(panel + k * kPanelRows + v * 8);
+      for (int i = 0; i < R; ++i) {
+        const __m256 b = _mm256_broadcast_ss(w + i * ldw + k);
+        for (int v = 0; v < V; ++v) a[i][v] = _mm256_fmadd_ps(b, xv[v], a[i][v]);
+      }
+    }
+    if (pf.lines > 0) {
+      _mm_prefetch(pf.next, _MM_HINT_T1);
+      pf.next += 64;
+      --pf.lines;
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < V; ++v) _mm256_store_ps(acc + i * kPanelRows + v * 8, a[i][v]);
+}
+
 template <int R>
-inline void band_f32(const float* x, const float* w, float* y, int64_t rows, int64_t n0, int64_t N, int64_t K,
-                     const char* ahead, int64_t ahead_bytes) {
-  const int64_t per_pass = (ahead_bytes / 64 + (rows + 3) / 4 - 1) / ((rows + 3) / 4);  // cache lines
-  int64_t fetched = 0;
-  auto prefetch = [&] {
-    for (int64_t i = 0; i < per_pass && fetched < ahead_bytes; ++i, fetched += 64) _mm_prefetch(ahead + fetched, _MM_HINT_T0);
-  };
-  int64_t m = 0;
-  for (; m + 4 <= rows; m += 4) {
-    prefetch();
-    block<4, R>(x + m * K, w, y + m * N, n0, N, K);
-  }
-  prefetch();
-  if (rows - m == 3) block<3, R>(x + m * K, w, y + m * N, n0, N, K);
-  if (rows - m == 2) block<2, R>(x + m * K, w, y + m * N, n0, N, K);
-  if (rows - m == 1) block<1, R>(x + m * K, w, y + m * N, n0, N, K);
+inline void panel_kernel(int vectors, const float* w, int64_t ldw, const float* panel, int64_t len, float* acc,
+                         bool accumulate, Prefetch& pf) {
+  if (vectors == 2)
+    panel_kernel<R, 2>(w, ldw, panel, len, acc, accumulate, pf);
+  else
+    panel_kernel<R, 1>(w, ldw, panel, len, acc, accumulate, pf);
 }
 
-// 4 to kMaxRowsF32 rows of x in fp32 (decode at batch 4-16, mixed steps up to 64 rows):
-// compute-bound rather than bandwidth-bound, where oneDNN's inner product reaches ~25-40 GFLOPS at
-// 16 rows on a 125M model's shapes here. Bands of 3 weight rows, each prefetched two bands ahead
-// (`band_f32`); x's rows stay in L2 while every group of 4 runs over the band in L1.
-void gemm_rows_f32(const float* x, const float* w, float* y, int64_t rows, int64_t N, int64_t K) {
-  constexpr int R = 3;
-  constexpr int64_t kAheadBands = 2;  // 1 and 8 were slower, 2-4 alike
-  const int64_t full = N / R * R;
-#pragma omp parallel for schedule(static) num_threads(threads())
-  for (int64_t n = 0; n < full; n += R) {
-    const int64_t ahead = n + kAheadBands * R;
-    band_f32<R>(x, w, y, rows, n, N, K, reinterpret_cast<const char*>(w + ahead * K),
-                ahead + R <= full ? R * K * static_cast<int64_t>(sizeof(float)) : 0);
+inline void panel_kernel(int64_t r, int vectors, const float* w, int64_t ldw, const float* panel, int64_t len,
+                         float* acc, bool accumulate, Prefetch& pf) {
+  switch (r) {
+    case 6: return panel_kernel<6>(vectors, w, ldw, panel, len, acc, accumulate, pf);
+    case 5: return panel_kernel<5>(vectors, w, ldw, panel, len, acc, accumulate, pf);
+    case 4: return panel_kernel<4>(vectors, w, ldw, panel, len, acc, accumulate, pf);
+    case 3: return panel_kernel<3>(vectors, w, ldw, panel, len, acc, accumulate, pf);
+    case 2: return panel_kernel<2>(vectors, w, ldw, panel, len, acc, accumulate, pf);
+    default: return panel_kernel<1>(vectors, w, ldw, panel, len, acc, accumulate, pf);
   }
-  for (int64_t n = full; n < N; ++n) band_f32<1>(x, w, y, rows, n, N, K, nullptr, 0);
+}
+
+inline float* align64(std::vector<float>& v, size_t floats) {
+  v.resize(floats + 16);
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t{63});
+}
+
+// y = x @ w.T through panels. Threads split the weight rows into groups of kGroupBands bands. Per
+// chunk of panels, a group runs its bands over every panel of the chunk, K in blocks, with the sums
+// in a per-thread scratch tile, then writes its columns of y. Chunks need no barrier between them:
+// each writes its own rows of y.
+template <typename T>
+void gemm_panels(const T* x, const T* w, T* y, int64_t rows, int64_t N, int64_t K) {
+  constexpr int64_t kGroupRows = kGroupBands * kBandRows;
+  const int64_t P = (rows + kPanelRows - 1) / kPanelRows;
+  const int last_vectors = rows - (P - 1) * kPanelRows > 8 ? 2 : 1;
+  thread_local std::vector<float> packed_storage;
+  float* packed = align64(packed_storage, P * K * kPanelRows);
+  const int64_t groups = (N + kGroupRows - 1) / kGroupRows;
+  const int64_t kblocks = (K + kMaxKBlock - 1) / kMaxKBlock, kstep = kblocks == 1 ? K : ((K + kblocks - 1) / kblocks + 7) / 8 * 8;
+  constexpr int64_t kPackStep = 64;
+  const int64_t pack_parts = (K + kPackStep - 1) / kPackStep;
+#pragma omp parallel num_threads(threads())
+  {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < P * pack_parts; ++i) {
+      const int64_t k0 = (i % pack_parts) * kPackStep;
+      pack_panel(x, rows, K, packed, i / pack_parts, k0, std::min(K, k0 + kPackStep));
+    }
+    alignas(32) float scratch[kChunkPanels][kGroupBands][kBandRows * kPanelRows];
+    thread_local std::vector<float> widened_storage;  // bf16: the group's weight tile as fp32
+    float* widened = std::is_same_v<T, float> ? nullptr : align64(widened_storage, kGroupRows * kstep);
+    for (int64_t c0 = 0; c0 < P; c0 += kChunkPanels) {
+      const int64_t c1 = std::min(P, c0 + kChunkPanels);
+#pragma omp for schedule(static) nowait
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t n0 = g * kGroupRows, n1 = std::min(N, n0 + kGroupRows);
+        Prefetch pf;
+        const int64_t ahead0 = std::min(N, n0 + kAheadGroups * kGroupRows), ahead1 = std::min(N, ahead0 + kGroupRows);
+        if (ahead1 > ahead0) {
+          pf.next = reinterpret_cast<const char*>(w + ahead0 * K);
+          pf.lines = ((ahead1 - ahead0) * K * static_cast<int64_t>(sizeof(T)) + 63) / 64;
+          pf.every = std::max<int64_t>(1, (c1 - c0) * ((n1 - n0 + kBandRows - 1) / kBandRows) * K / pf.lines);
+        }
+        for (int64_t k0 = 0; k0 < K; k0 += kstep) {
+          const int64_t len = std::min(K, k0 + kstep) - k0;
+          const float* tile;
+          int64_t ldw;
+          if constexpr (std::is_same_v<T, float>) {
+            tile = w + n0 * K + k0, ldw = K;
+          } else {
+            for (int64_t n = n0; n < n1; ++n) {
+              const uint16_t* src = w + n * K + k0;
+              float* dst = widened + (n - n0) * kstep;
+              int64_t k = 0;
+              for (; k + 8 <= len; k += 8) _mm256_storeu_ps(dst + k, load8(src + k));
+              for (; k < len; ++k) dst[k] = to_float(src[k]);
+            }
+            tile = widened, ldw = kstep;
+          }
+          for (int64_t p = c0; p < c1; ++p) {
+            const int vectors = p == P - 1 ? last_vectors : 2;
+            for (int64_t b = 0; n0 + b * kBandRows < n1; ++b)
+              panel_kernel(std::min<int64_t>(kBandRows, n1 - n0 - b * kBandRows), vectors, tile + b * kBandRows * ldw,
+                           ldw, packed + (p * K + k0) * kPanelRows, len, scratch[p - c0][b], k0 > 0, pf);
+          }
+        }
+        for (int64_t p = c0; p < c1; ++p) {
+          const int64_t m0 = p * kPanelRows, m1 = std::min(rows, m0 + kPanelRows);
+          for (int64_t b = 0; n0 + b * kBandRows < n1; ++b) {
+            const int64_t nb = n0 + b * kBandRows, r = std::min<int64_t>(kBandRows, n1 - nb);
+            for (int64_t m = m0; m < m1; ++m)
+              for (int64_t i = 0; i < r; ++i) store(y + m * N + nb + i, scratch[p - c0][b][i * kPanelRows + (m - m0)]);
+          }
+        }
+      }
+    }
+  }
 }
 
 template <typename T>
 void run(const void* xp, const void* wp, void* yp, int64_t rows, int64_t N, int64_t K) {
   const T* x = static_cast<const T*>(xp);
+  const T* w = static_cast<const T*>(wp);
+  T* y = static_cast<T*>(yp);
+  if (rows >= kMinPanelRows) return gemm_panels(x, w, y, rows, N, K);
   std::vector<float> permuted;
   const float* xf;
   if constexpr (std::is_same_v<T, float>) {
@@ -213,17 +347,10 @@ void run(const void* xp, const void* wp, void* yp, int64_t rows, int64_t N, int6
     permute16(x, permuted.data(), rows, K);
     xf = permuted.data();
   }
-  const T* w = static_cast<const T*>(wp);
-  T* y = static_cast<T*>(yp);
-  if constexpr (std::is_same_v<T, float>) {
-    if (rows >= 4) return gemm_rows_f32(xf, w, y, rows, N, K);  // at 4 rows ~15% faster than gemv<4>
-  }
   switch (rows) {
     case 1: gemv<T, 1>(xf, w, y, N, K); break;
     case 2: gemv<T, 2>(xf, w, y, N, K); break;
-    case 3: gemv<T, 3>(xf, w, y, N, K); break;
-    case 4: gemv<T, 4>(xf, w, y, N, K); break;
-    default: gemm_rows<T>(xf, w, y, rows, N, K); break;
+    default: gemv<T, 3>(xf, w, y, N, K); break;
   }
 }
 
@@ -291,9 +418,9 @@ AOTITorchError aoti_torch_cpu_gemv_linear(AtenTensorHandle x, AtenTensorHandle w
   int64_t rows = 1;
   for (int64_t i = 0; i + 1 < xdim; ++i) rows *= xs[i];
   const int64_t N = ws[0], K = ws[1];
-  const bool fast = rows >= 1 && rows <= (f32 ? kMaxRowsF32 : max_rows_bf16()) && contiguous(xdim, xs, xst) &&
+  const bool fast = rows >= 1 && (f32 || rows <= max_rows_bf16()) && contiguous(xdim, xs, xst) &&
                     contiguous(2, ws, wst);
-  if (!fast && f32)  // oneDNN's inner product: faster than MKL's sgemm here when compute-bound
+  if (!fast && f32)  // strided operands: oneDNN's inner product
     return aoti_torch_cpu__linear_pointwise(x, weight, nullptr, "none", nullptr, 0, nullptr, ret0);
 
   int64_t sizes[8], strides[8];
