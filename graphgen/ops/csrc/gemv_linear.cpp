@@ -224,7 +224,7 @@ inline void panel_kernel(const float* w, int64_t ldw, const float* panel, int64_
       }
     }
     if (pf.lines > 0) {
-      _mm_prefetch(pf.next, _MM_HINT_T1);
+      _mm_prefetch(pf.next, _MM_HINT_T0);
       pf.next += 64;
       --pf.lines;
     }
