@@ -18,10 +18,11 @@ from .sequence import Sequence
 from .tokenizer import Detokenizer, load_tokenizer
 
 Prompt = str | list[int]
-# Tokens per step while sequences decode (decode rows included): graphgen's CPU linear runs its
-# blocked kernel up to 64 rows of activations (csrc/gemv_linear.cpp), and a step of 16 decode rows
-# and 48 prompt tokens costs 25-60 ms less there than a decode step plus the same prompt tokens
-# alone (bench-125m; docs/performance.md).
+# Tokens per step while sequences decode (decode rows included): a step of 16 decode rows and 48
+# prompt tokens costs 25-60 ms less than a decode step plus the same prompt tokens alone
+# (bench-125m), and 24-48 or 96-2048 were no better than 64 on the mixed workload here, with
+# graphgen's CPU linear (csrc/gemv_linear.cpp) in its dot-product blocks and in its panels since
+# (docs/performance.md).
 DEFAULT_STEP_TOKENS = 64
 
 
