@@ -145,9 +145,9 @@ void gemv(const float* x, const T* w, T* y, int64_t N, int64_t K) {
 // Here x is transposed once per call into panels of 16 rows (K x 16 fp32, `pack_panel`), and the
 // microkernel (`panel_kernel`) takes outer products: per k, two loads of a panel and a broadcast of
 // each of 6 weights feed 12 FMAs into 12 accumulators, with no horizontal sums. In L1 it runs at
-// ~98% of a core's FMA peak here; on a model's weights, which come from memory, the weight stream
-// sets the pace, so each group of weight rows prefetches the group kAheadGroups after it, a line
-// every few k steps (docs/performance.md has the measurements). bf16 weights are widened a tile at a
+// ~98% of a core's FMA peak here; on a model's weights, which come from memory, each group of weight
+// rows prefetches the group kAheadGroups after it, a few lines every 16 k steps
+// (docs/performance.md has the measurements). bf16 weights are widened a tile at a
 // time (a group's rows over a block of K) into a per-thread fp32 buffer that the same kernel reads.
 constexpr int kPanelRows = 16;        // rows of x per panel: 2 vectors
 constexpr int kBandRows = 6;          // weight rows per microkernel call: 12 accumulators + 2 + 1
@@ -197,11 +197,13 @@ void pack_panel(const T* x, int64_t rows, int64_t K, float* out, int64_t p, int6
     for (int64_t j = 0; j < kPanelRows; ++j) o[k * kPanelRows + j] = m0 + j < rows ? to_float(x[(m0 + j) * K + k]) : 0.f;
 }
 
-// Rows of a weight tile to `every` k steps of the microkernel, a line at a time, then nothing.
+// The lines of a weight tile to prefetch while the microkernel runs, `per16` lines after every 16
+// k steps (one every few steps instead made the k loop too short to unroll: a 16-row step ran ~27%
+// slower), then nothing.
 struct Prefetch {
   const char* next = nullptr;
   int64_t lines = 0;
-  int64_t every = int64_t{1} << 40;
+  int64_t per16 = 0;
 };
 
 // acc[i][8 v + l] (+)= sum_{k < len} w[i * ldw + k] * panel[k][8 v + l] for i < R, v < V: R weight
@@ -213,7 +215,7 @@ inline void panel_kernel(const float* w, int64_t ldw, const float* panel, int64_
   for (int i = 0; i < R; ++i)
     for (int v = 0; v < V; ++v) a[i][v] = accumulate ? _mm256_load_ps(acc + i * kPanelRows + v * 8) : _mm256_setzero_ps();
   for (int64_t k = 0; k < len;) {
-    const int64_t stop = std::min(len, k + pf.every);
+    const int64_t stop = std::min(len, k + 16);
 #pragma GCC unroll 4
     for (; k < stop; ++k) {
       __m256 xv[V];
@@ -223,11 +225,7 @@ inline void panel_kernel(const float* w, int64_t ldw, const float* panel, int64_
         for (int v = 0; v < V; ++v) a[i][v] = _mm256_fmadd_ps(b, xv[v], a[i][v]);
       }
     }
-    if (pf.lines > 0) {
-      _mm_prefetch(pf.next, _MM_HINT_T0);
-      pf.next += 64;
-      --pf.lines;
-    }
+    for (int64_t j = 0; j < pf.per16 && pf.lines > 0; ++j, --pf.lines, pf.next += 64) _mm_prefetch(pf.next, _MM_HINT_T0);
   }
   for (int i = 0; i < R; ++i)
     for (int v = 0; v < V; ++v) _mm256_store_ps(acc + i * kPanelRows + v * 8, a[i][v]);
@@ -294,7 +292,8 @@ void gemm_panels(const T* x, const T* w, T* y, int64_t rows, int64_t N, int64_t 
         if (ahead1 > ahead0) {
           pf.next = reinterpret_cast<const char*>(w + ahead0 * K);
           pf.lines = ((ahead1 - ahead0) * K * static_cast<int64_t>(sizeof(T)) + 63) / 64;
-          pf.every = std::max<int64_t>(1, (c1 - c0) * ((n1 - n0 + kBandRows - 1) / kBandRows) * K / pf.lines);
+          const int64_t steps = (c1 - c0) * ((n1 - n0 + kBandRows - 1) / kBandRows) * K;  // the group's k steps
+          pf.per16 = (pf.lines * 16 + steps - 1) / steps;
         }
         for (int64_t k0 = 0; k0 < K; k0 += kstep) {
           const int64_t len = std::min(K, k0 + kstep) - k0;
