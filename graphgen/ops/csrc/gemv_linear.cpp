@@ -287,12 +287,13 @@ void gemm_panels(const T* x, const T* w, T* y, int64_t rows, int64_t N, int64_t 
 #pragma omp for schedule(static) nowait
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t n0 = g * kGroupRows, n1 = std::min(N, n0 + kGroupRows);
+        const int64_t bands = (n1 - n0 + kBandRows - 1) / kBandRows;  // the last may have fewer rows
         Prefetch pf;
         const int64_t ahead0 = std::min(N, n0 + kAheadGroups * kGroupRows), ahead1 = std::min(N, ahead0 + kGroupRows);
         if (ahead1 > ahead0) {
           pf.next = reinterpret_cast<const char*>(w + ahead0 * K);
           pf.lines = ((ahead1 - ahead0) * K * static_cast<int64_t>(sizeof(T)) + 63) / 64;
-          const int64_t steps = (c1 - c0) * ((n1 - n0 + kBandRows - 1) / kBandRows) * K;  // the group's k steps
+          const int64_t steps = (c1 - c0) * bands * K;  // the group's k steps
           pf.per16 = (pf.lines * 16 + steps - 1) / steps;
         }
         for (int64_t k0 = 0; k0 < K; k0 += kstep) {
@@ -313,14 +314,14 @@ void gemm_panels(const T* x, const T* w, T* y, int64_t rows, int64_t N, int64_t 
           }
           for (int64_t p = c0; p < c1; ++p) {
             const int vectors = p == P - 1 ? last_vectors : 2;
-            for (int64_t b = 0; n0 + b * kBandRows < n1; ++b)
+            for (int64_t b = 0; b < bands; ++b)
               panel_kernel(std::min<int64_t>(kBandRows, n1 - n0 - b * kBandRows), vectors, tile + b * kBandRows * ldw,
                            ldw, packed + (p * K + k0) * kPanelRows, len, scratch[p - c0][b], k0 > 0, pf);
           }
         }
         for (int64_t p = c0; p < c1; ++p) {
           const int64_t m0 = p * kPanelRows, m1 = std::min(rows, m0 + kPanelRows);
-          for (int64_t b = 0; n0 + b * kBandRows < n1; ++b) {
+          for (int64_t b = 0; b < bands; ++b) {
             const int64_t nb = n0 + b * kBandRows, r = std::min<int64_t>(kBandRows, n1 - nb);
             for (int64_t m = m0; m < m1; ++m)
               for (int64_t i = 0; i < r; ++i) store(y + m * N + nb + i, scratch[p - c0][b][i * kPanelRows + (m - m0)]);
