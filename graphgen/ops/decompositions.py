@@ -26,9 +26,9 @@ these decompositions so the whole step is compiled code:
   would gather it once per token).
 
 - `aten.linear` in fp32 or bf16 on CPU: `graphgen::gemv_linear` (ops/gemv_linear.py), whose C
-  shim the compiled graph calls directly: an AVX2 GEMV for decode's first rows, blocks of several
-  rows over bands of weight rows up to 64 (fp32; bf16: any number, or 16 where the CPU has
-  AVX512-BF16), oneDNN's inner product (fp32) or ATen's mm (bf16) for more. ATen's fp32 linear is
+  shim the compiled graph calls directly: an AVX2 GEMV for 1-3 rows, panels (an outer-product
+  GEMM) for 4 or more, ATen's mm for bf16 past 16 rows where the CPU has AVX512-BF16, and oneDNN's
+  inner product (fp32) or ATen's mm (bf16) for strided operands. ATen's fp32 linear is
   MKL, which on this project's AVX2 AMD machines runs a batch-1 GEMV on one thread; its bf16 GEMV
   streams ~12 GB/s against the kernel's ~19 (docs/performance.md).
   Where the kernels cannot be built: fp32 takes oneDNN's inner product (`mkldnn._linear_pointwise`),
