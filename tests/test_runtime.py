@@ -247,3 +247,26 @@ def test_safetensors_read_straight_into_buffers_matches_the_library(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(data[:-100])
     with pytest.raises(ArtifactError, match="cut.safetensors: not a readable safetensors file"):
         read_safetensors(tmp_path / "cut.safetensors")
+
+
+def test_artifact_built_here_loads_without_an_isa_warning(tiny_artifact):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LLM(tiny_artifact)
+    assert not [w for w in caught if "CPU ISA" in str(w.message)]
+
+
+def test_isa_check_asks_for_every_feature_the_package_names(monkeypatch):
+    from graphgen.backends.inductor import isa_runs_here
+
+    cpu = {"_is_avx2_supported": True, "_is_avx512_supported": True, "_is_vnni_supported": True,
+           "_is_amx_tile_supported": False}
+    for name, value in cpu.items():
+        monkeypatch.setattr(torch.cpu, name, lambda value=value: value)
+    assert isa_runs_here("avx512 avx512_vnni")  # what Inductor writes on a VNNI CPU, here one
+    assert isa_runs_here("avx2")  # AVX2 kernels run on an AVX-512 CPU
+    assert not isa_runs_here("avx512 avx512_vnni amx_tile")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: False)
+    assert not isa_runs_here("avx512") and isa_runs_here("avx2")

@@ -104,13 +104,31 @@ class CompiledGraph:
         return pytree.tree_unflatten(outputs, self._out_spec)
 
 
+# What each word of Inductor's CPU ISA string (`str(pick_vec_isa())`: "avx2", "avx512",
+# "avx512 avx512_vnni", "avx512 avx512_vnni amx_tile") asks of the CPU, as torch.cpu probes it.
+_ISA_PROBES = {"avx2": "_is_avx2_supported", "avx512": "_is_avx512_supported", "avx512_vnni": "_is_vnni_supported",
+               "amx_tile": "_is_amx_tile_supported"}
+
+
+def isa_runs_here(built: str) -> bool:
+    """Whether kernels Inductor compiled for the ISA string `built` run on this CPU: every feature
+    it names is here (an AVX2 package runs on an AVX-512 CPU). Words torch cannot probe fall back
+    to comparing with torch's own capability name."""
+    words = built.lower().split()
+    probes = [getattr(torch.cpu, _ISA_PROBES.get(w, ""), None) for w in words]
+    if words and all(probes):
+        return all(probe() for probe in probes)
+    return built.upper() in (torch.backends.cpu.get_cpu_capability().upper(), "NONE", "DEFAULT")
+
+
 def _check_isa(path: Path) -> None:
     """The package's kernels target the CPU ISA of the machine that compiled them (what
     torch._inductor's loader warns about; checked here without importing the compiler)."""
     meta = torch._C._aoti.AOTIModelPackageLoader.load_metadata_from_package(str(path), "model")
-    built, here = meta.get("AOTI_CPU_ISA"), torch.backends.cpu.get_cpu_capability().upper()
-    if meta.get("AOTI_DEVICE_KEY", "cpu") == "cpu" and built and built.upper() not in (here, "NONE", "DEFAULT"):
-        warnings.warn(f"{path}: compiled for CPU ISA {built}, this machine runs {here}; if the graph fails, "
+    built = meta.get("AOTI_CPU_ISA")
+    if meta.get("AOTI_DEVICE_KEY", "cpu") == "cpu" and built and not isa_runs_here(built):
+        here = torch.backends.cpu.get_cpu_capability()
+        warnings.warn(f"{path}: compiled for CPU ISA {built}, which this CPU ({here}) lacks; if the graph fails, "
                       "rebuild the artifact here with `graphgen compile <recipe> --force`", stacklevel=3)
 
 
