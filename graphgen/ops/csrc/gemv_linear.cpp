@@ -14,6 +14,8 @@
 #include <torch/csrc/inductor/aoti_torch/generated/c_shim_cpu.h>
 
 #include <algorithm>
+#include <atomic>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -269,10 +271,58 @@ inline float* align64(std::vector<float>& v, size_t floats) {
   return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t{63});
 }
 
-// y = x @ w.T through panels. Threads split the weight rows into groups of kGroupBands bands. Per
-// chunk of panels, a group runs its bands over every panel of the chunk, K in blocks, with the sums
-// in a per-thread scratch tile, then writes its columns of y. Chunks need no barrier between them:
-// each writes its own rows of y.
+// The groups of one chunk: thread t owns a contiguous share and takes groups from its front, in
+// order (the prefetch runs ahead of it); a thread done with its share takes groups from the back of
+// the share with the most left. The two cores of a VM do not run at the same speed: with static
+// halves one thread waited ~5-20% of a GEMM for the other (harness, 16 and 64 rows).
+class Shares {
+ public:
+  Shares(int64_t groups, int64_t workers) : n_(workers), range_(new std::atomic<uint64_t>[workers]) {
+    for (int64_t t = 0; t < n_; ++t) range_[t].store(pack(groups * t / n_, groups * (t + 1) / n_));
+  }
+
+  // The next group for thread t, or -1 when none is left; `stolen`: it came from another share.
+  int64_t take(int64_t t, bool& stolen) {
+    stolen = false;
+    if (t < n_) {
+      const int64_t own = take_from(t, true);
+      if (own >= 0) return own;
+    }
+    stolen = true;
+    for (;;) {
+      int64_t victim = -1, most = 0;
+      for (int64_t u = 0; u < n_; ++u) {
+        const uint64_t r = range_[u].load(std::memory_order_relaxed);
+        if (int64_t{end(r)} - int64_t{begin(r)} > most) victim = u, most = int64_t{end(r)} - int64_t{begin(r)};
+      }
+      if (victim < 0) return -1;
+      const int64_t g = take_from(victim, false);
+      if (g >= 0) return g;  // else its owner or another thief emptied it first: look again
+    }
+  }
+
+ private:
+  static uint64_t pack(uint64_t b, uint64_t e) { return b << 32 | e; }
+  static uint32_t begin(uint64_t r) { return static_cast<uint32_t>(r >> 32); }
+  static uint32_t end(uint64_t r) { return static_cast<uint32_t>(r); }
+
+  // The first (front) or last group left in share u, or -1 if it is empty.
+  int64_t take_from(int64_t u, bool front) {
+    uint64_t r = range_[u].load();
+    while (begin(r) < end(r))
+      if (range_[u].compare_exchange_weak(r, front ? pack(begin(r) + 1, end(r)) : pack(begin(r), end(r) - 1)))
+        return front ? begin(r) : end(r) - 1;
+    return -1;
+  }
+
+  int64_t n_;
+  std::unique_ptr<std::atomic<uint64_t>[]> range_;
+};
+
+// y = x @ w.T through panels. Threads split the weight rows into groups of kGroupBands bands
+// (`Shares`). Per chunk of panels, a group runs its bands over every panel of the chunk, K in
+// blocks, with the sums in a per-thread scratch tile, then writes its columns of y. Chunks need no
+// barrier between them: each writes its own rows of y.
 template <typename T>
 void gemm_panels(const T* x, const T* w, T* y, int64_t rows, int64_t N, int64_t K) {
   constexpr int64_t kGroupRows = kGroupBands * kBandRows;
@@ -284,7 +334,10 @@ void gemm_panels(const T* x, const T* w, T* y, int64_t rows, int64_t N, int64_t 
   const int64_t kblocks = (K + kMaxKBlock - 1) / kMaxKBlock, kstep = kblocks == 1 ? K : ((K + kblocks - 1) / kblocks + 7) / 8 * 8;
   constexpr int64_t kPackStep = 64;
   const int64_t pack_parts = (K + kPackStep - 1) / kPackStep;
-#pragma omp parallel num_threads(threads())
+  const int64_t workers = threads(), chunks = (P + kChunkPanels - 1) / kChunkPanels;
+  std::vector<std::unique_ptr<Shares>> shares(chunks);
+  for (auto& chunk : shares) chunk = std::make_unique<Shares>(groups, workers);
+#pragma omp parallel num_threads(workers)
   {
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < P * pack_parts; ++i) {
@@ -294,14 +347,17 @@ void gemm_panels(const T* x, const T* w, T* y, int64_t rows, int64_t N, int64_t 
     alignas(32) float scratch[kChunkPanels][kGroupBands][kBandRows * kPanelRows];
     thread_local std::vector<float> widened_storage;  // bf16: the group's weight tile as fp32
     float* widened = std::is_same_v<T, float> ? nullptr : align64(widened_storage, kGroupRows * kstep);
+    const int64_t me = omp_get_thread_num();
     for (int64_t c0 = 0; c0 < P; c0 += kChunkPanels) {
       const int64_t c1 = std::min(P, c0 + kChunkPanels);
-#pragma omp for schedule(static) nowait
-      for (int64_t g = 0; g < groups; ++g) {
+      bool stolen = false;
+      for (int64_t g; (g = shares[c0 / kChunkPanels]->take(me, stolen)) >= 0;) {
         const int64_t n0 = g * kGroupRows, n1 = std::min(N, n0 + kGroupRows);
         const int64_t bands = (n1 - n0 + kBandRows - 1) / kBandRows;  // the last may have fewer rows
-        Prefetch pf;
-        const int64_t ahead0 = std::min(N, n0 + kAheadGroups * kGroupRows), ahead1 = std::min(N, ahead0 + kGroupRows);
+        Prefetch pf;  // the group kAheadGroups further on in this thread's direction
+        const int64_t ahead_group = stolen ? g - kAheadGroups : g + kAheadGroups;
+        const int64_t ahead0 = std::min(N, std::max<int64_t>(0, ahead_group) * kGroupRows);
+        const int64_t ahead1 = ahead_group < 0 ? ahead0 : std::min(N, ahead0 + kGroupRows);
         if (ahead1 > ahead0) {
           pf.next = reinterpret_cast<const char*>(w + ahead0 * K);
           pf.lines = ((ahead1 - ahead0) * K * static_cast<int64_t>(sizeof(T)) + 63) / 64;
