@@ -95,15 +95,18 @@ def test_fake_kernel_gives_the_output_shape():
 @needs_kernel
 def test_thread_count_does_not_change_results():
     gen = torch.Generator().manual_seed(1)
-    w = torch.randn(300, 256, generator=gen)
-    for rows in (1, 11, 300):  # the GEMV, one panel, several chunks of panels
-        x = torch.randn(rows, 256, generator=gen)
-        try:
-            cpu_kernels.set_num_threads(1)
-            one = torch.ops.graphgen.gemv_linear(x, w)
-        finally:
-            cpu_kernels.set_num_threads(torch.get_num_threads())
-        assert torch.equal(one, torch.ops.graphgen.gemv_linear(x, w))  # each output is one thread's sum
+    for n in (300, 13):  # 13 rows: 2 groups of 12, so 3 or 5 threads leave shares empty (all stolen)
+        w = torch.randn(n, 256, generator=gen)
+        for rows in (1, 11, 300):  # the GEMV, one panel, several chunks of panels
+            x = torch.randn(rows, 256, generator=gen)
+            default = torch.ops.graphgen.gemv_linear(x, w)
+            for threads in (1, 3, 5):
+                try:
+                    cpu_kernels.set_num_threads(threads)
+                    other = torch.ops.graphgen.gemv_linear(x, w)
+                finally:
+                    cpu_kernels.set_num_threads(torch.get_num_threads())
+                assert torch.equal(other, default)  # each output is one thread's sum, whichever thread
 
 
 @needs_kernel
