@@ -293,7 +293,8 @@ class Shares {
       int64_t victim = -1, most = 0;
       for (int64_t u = 0; u < n_; ++u) {
         const uint64_t r = range_[u].load(std::memory_order_relaxed);
-        if (int64_t{end(r)} - int64_t{begin(r)} > most) victim = u, most = int64_t{end(r)} - int64_t{begin(r)};
+        const int64_t left = int64_t{end(r)} - int64_t{begin(r)};
+        if (left > most) victim = u, most = left;
       }
       if (victim < 0) return -1;
       const int64_t g = take_from(victim, false);

@@ -69,16 +69,12 @@ inline void axpy(float p, const T* v, float* acc, int64_t D) {
   for (; i < D; ++i) acc[i] += p * to_float(v[i]);
 }
 
-// The cache lines of a row of `bytes`: requested now, read soon.
+// The cache lines of a row of `bytes`: requested now, read soon (into L1; _MM_HINT_T1: into L2
+// only, for rows read later than the next few).
+template <auto hint = _MM_HINT_T0>  // auto: an enum in GCC's headers, an int in Clang's
 inline void prefetch_row(const void* row, int64_t bytes) {
   const char* p = static_cast<const char*>(row);
-  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
-}
-
-// The same into L2 only, for rows read later than the next few.
-inline void prefetch_row_l2(const void* row, int64_t bytes) {
-  const char* p = static_cast<const char*>(row);
-  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, hint);
 }
 
 // Strided rows (last-dim stride != 1) widened into one fp32 buffer, with pointers to its rows.
@@ -142,13 +138,13 @@ void score(const float* q, const T* const* rows, int64_t len, int64_t G, int64_t
   int64_t t = 0;
   const int64_t bytes = D * sizeof(T);
   for (int64_t i = 0; i < std::min(kAheadL1, len); ++i) prefetch_row(rows[i], bytes);
-  for (int64_t i = kAheadL1; i < std::min(kAheadL2, len); ++i) prefetch_row_l2(rows[i], bytes);
+  for (int64_t i = kAheadL1; i < std::min(kAheadL2, len); ++i) prefetch_row<_MM_HINT_T1>(rows[i], bytes);
   if (D % 8 == 0)
     for (; t + 4 <= len; t += 4) {
       for (int64_t i = t + kAheadL1; i < std::min(t + kAheadL1 + 4, len); ++i) prefetch_row(rows[i], bytes);
-      for (int64_t i = t + kAheadL2; i < std::min(t + kAheadL2 + 4, len); ++i) prefetch_row_l2(rows[i], bytes);
+      for (int64_t i = t + kAheadL2; i < std::min(t + kAheadL2 + 4, len); ++i) prefetch_row<_MM_HINT_T1>(rows[i], bytes);
       if (later)
-        for (int64_t i = t; i < t + 4; ++i) prefetch_row_l2(later[i], bytes);
+        for (int64_t i = t; i < t + 4; ++i) prefetch_row<_MM_HINT_T1>(later[i], bytes);
       for (int64_t g = 0; g < G; g += 3) {
         const float* qg = q + g * D;
         float* sg = scores + g * len;
