@@ -70,6 +70,70 @@ def test_bf16_cpu_linear_becomes_the_gemv_kernel_too():
     torch.testing.assert_close(decomposed.module()(x), m(x), rtol=2e-2, atol=2e-2)
 
 
+class _Siblings(torch.nn.Module):
+    """A layer's sibling linears: q, k, v read one x, gate and up another; four heads read a third
+    (grouped 2 + 2); o has a bias and down reads its own x (both stay single linears)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(32, n, bias=False) for n in (32, 16, 16))
+        self.o = torch.nn.Linear(64, 32)
+        self.gate, self.up = (torch.nn.Linear(32, 48, bias=False) for _ in range(2))
+        self.down = torch.nn.Linear(48, 32, bias=False)
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(32, 8, bias=False) for _ in range(4))
+
+    def forward(self, x):
+        a = self.o(torch.cat([self.q(x), self.k(x), self.v(x)], -1))
+        h = self.down(torch.nn.functional.silu(self.gate(a)) * self.up(a))
+        return torch.cat([head(h) for head in self.heads], -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sibling_linears_run_as_one_call_and_compute_the_same(dtype):
+    torch.manual_seed(0)
+    m = _Siblings().to(dtype)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    ep = torch.export.export(m, (torch.randn(3, 32, dtype=dtype),), dynamic_shapes=({0: batch},))
+    decomposed = _serving(ep, 11, dynamic_shapes=({0: batch},))
+    targets = _targets(decomposed)
+    if cpu_kernels.available():
+        assert targets.count("graphgen.gemv_linear3.default") == 1  # q, k, v
+        assert targets.count("graphgen.gemv_linear2.default") == 3  # gate, up; the heads as 2 + 2
+        assert targets.count("graphgen.gemv_linear.default") == 2  # o (its bias added after), down
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for b in (1, 5, 20):
+        x = torch.randn(b, 32, dtype=dtype)
+        torch.testing.assert_close(decomposed.module()(x), m(x), **tol)
+
+
+def test_sibling_weights_read_after_the_first_linear_move_up_to_it():
+    """A weight's get_attr after the first sibling (graphs are not always laid out with every
+    parameter read first) moves up to the grouped call; a computed weight keeps the linears apart."""
+    from graphgen.ops.decompositions import group_sibling_linears
+
+    linear = torch.ops.aten.linear.default
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    wq = graph.get_attr("wq")
+    q = graph.call_function(linear, (x, wq))
+    wk = graph.get_attr("wk")  # read after q's linear
+    k = graph.call_function(linear, (x, wk))
+    wv = graph.call_function(torch.ops.aten.mul.Tensor, (graph.get_attr("wv"), 2.0))  # computed
+    v = graph.call_function(linear, (x, wv))
+    graph.output((q, k, v))
+    root = torch.nn.Module()
+    for name in ("wq", "wk", "wv"):
+        setattr(root, name, torch.nn.Parameter(torch.randn(8, 16)))
+    gm = torch.fx.GraphModule(root, graph)
+    xt = torch.randn(3, 16)
+    before = gm(xt)
+    assert group_sibling_linears(gm) == 2  # q and k; v's weight is computed after q's linear
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(linear) == 1
+    for got, want in zip(gm(xt), before):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("layout", ["BSH", "BNSD"])
 def test_paged_decode_ifa_call_is_replaced_by_aten_with_the_same_result(layout):
     torch.manual_seed(0)

@@ -8,6 +8,7 @@ import zipfile
 import pytest
 import torch
 
+from graphgen.artifact import read_manifest
 from graphgen.ops import cpu_kernels
 
 SHIM = cpu_kernels.SHIMS["gemv_linear"][0]
@@ -77,11 +78,50 @@ def test_leading_dims_and_strided_operands():
     torch.testing.assert_close(torch.ops.graphgen.gemv_linear(xs, wt), xs @ wt.T, rtol=1e-5, atol=1e-5)
 
 
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 9, 16, 17, 64, 130, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# q, k, v-like (N 768 / 256 / 256), ragged N and fewer rows than a group; K past 1024 runs in blocks
+@pytest.mark.parametrize("ns,k", [((96, 32, 32), 64), ((37, 5, 13), 771), ((7, 20), 2100), ((3, 1, 2), 16)])
+def test_several_weights_in_one_pass_give_each_weights_own_result(rows, dtype, ns, k):
+    """gemv_linear2/3: one pass over all weights (shared groups, prefetch from one weight into the
+    next); every output is the one gemv_linear gives, bit for bit (one thread sums each output in
+    the same order)."""
+    gen = torch.Generator().manual_seed(rows + k + len(ns))
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    weights = [torch.randn(n, k, generator=gen).to(dtype) for n in ns]
+    op = torch.ops.graphgen.gemv_linear2 if len(ns) == 2 else torch.ops.graphgen.gemv_linear3
+    outs = op(x, *weights)
+    assert len(outs) == len(ns)
+    for y, w in zip(outs, weights):
+        assert y.shape == (rows, w.shape[0]) and y.dtype == dtype and y.is_contiguous()
+        assert torch.equal(y, torch.ops.graphgen.gemv_linear(x, w))
+    exact = [torch.nn.functional.linear(x.double(), w.double()) for w in weights]
+    tol = dict(rtol=1e-5, atol=1e-4 * max(1.0, k / 1024)) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-2)
+    for y, want in zip(outs, exact):
+        torch.testing.assert_close(y.double(), want.to(dtype).double(), **tol)
+
+
+@needs_kernel
+def test_several_weights_with_a_strided_one_run_each_on_its_own_path():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 64, generator=gen)
+    dense, strided = torch.randn(24, 64, generator=gen), torch.randn(64, 40, generator=gen).T  # a transposed weight
+    a, b = torch.ops.graphgen.gemv_linear2(x, dense, strided)
+    torch.testing.assert_close(a, x @ dense.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b, x @ strided.T, rtol=1e-5, atol=1e-5)
+    xs = torch.randn(5, 128, generator=gen)[:, ::2]  # a strided x: every weight on its own path
+    for y, w in zip(torch.ops.graphgen.gemv_linear3(xs, dense, dense[:7], strided), (dense, dense[:7], strided)):
+        torch.testing.assert_close(y, xs @ w.T, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_calls_say_what_is_wrong():
     with pytest.raises(ValueError, match=r"x \(\.\.\., K\) and weight \(N, K\) expected, got \(2, 3\) and \(4, 5\)"):
         torch.ops.graphgen.gemv_linear(torch.randn(2, 3), torch.randn(4, 5))
     with pytest.raises(ValueError, match="both float32 or both bfloat16, got torch.bfloat16 and torch.float32"):
         torch.ops.graphgen.gemv_linear(torch.randn(2, 3, dtype=torch.bfloat16), torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"gemv_linear3: x \(\.\.\., K\) and weight \(N, K\) expected, got \(2, 3\) and \(4, 5\)"):
+        torch.ops.graphgen.gemv_linear3(torch.randn(2, 3), torch.randn(4, 3), torch.randn(4, 5), torch.randn(4, 3))
 
 
 def test_fake_kernel_gives_the_output_shape():
@@ -89,7 +129,10 @@ def test_fake_kernel_gives_the_output_shape():
 
     with FakeTensorMode():
         y = torch.ops.graphgen.gemv_linear(torch.empty(5, 1, 32), torch.empty(7, 32))
+        ys = torch.ops.graphgen.gemv_linear3(torch.empty(5, 1, 32), torch.empty(7, 32), torch.empty(3, 32),
+                                             torch.empty(9, 32))
     assert y.shape == (5, 1, 7)
+    assert [t.shape for t in ys] == [(5, 1, 7), (5, 1, 3), (5, 1, 9)]
 
 
 @needs_kernel
@@ -97,16 +140,20 @@ def test_thread_count_does_not_change_results():
     gen = torch.Generator().manual_seed(1)
     for n in (300, 13):  # 13 rows: 2 groups of 12, so 3 or 5 threads leave shares empty (all stolen)
         w = torch.randn(n, 256, generator=gen)
+        more = torch.randn(n // 2 + 1, 256, generator=gen), torch.randn(5, 256, generator=gen)
         for rows in (1, 11, 300):  # the GEMV, one panel, several chunks of panels
             x = torch.randn(rows, 256, generator=gen)
             default = torch.ops.graphgen.gemv_linear(x, w)
+            several = torch.ops.graphgen.gemv_linear3(x, w, *more)
             for threads in (1, 3, 5):
                 try:
                     cpu_kernels.set_num_threads(threads)
                     other = torch.ops.graphgen.gemv_linear(x, w)
+                    others = torch.ops.graphgen.gemv_linear3(x, w, *more)
                 finally:
                     cpu_kernels.set_num_threads(torch.get_num_threads())
                 assert torch.equal(other, default)  # each output is one thread's sum, whichever thread
+                assert all(torch.equal(a, b) for a, b in zip(others, several))
 
 
 @needs_kernel
@@ -143,4 +190,8 @@ def test_compiled_tiny_graphs_call_the_shim(tiny_artifact):
     with zipfile.ZipFile(tiny_artifact / "graphs" / "decode.pt2") as z:
         wrapper = next(z.read(n).decode() for n in z.namelist() if n.endswith("wrapper.cpp"))
     assert f"{SHIM}(" in wrapper
+    # each layer's q, k, v and gate, up projections: one call each
+    layers = read_manifest(tiny_artifact).kv.num_layers
+    assert wrapper.count(f"{cpu_kernels.SHIMS['gemv_linear3'][0]}(buf") == layers
+    assert wrapper.count(f"{cpu_kernels.SHIMS['gemv_linear2'][0]}(buf") == layers
     assert "proxy_executor_call_function" not in wrapper

@@ -33,11 +33,18 @@ HEADERS = ("kernels.h",)
 LIBRARY = "libgraphgen_cpu.so"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-std=c++17"]
 # op -> (shim symbol, C declaration), as AOTInductor's codegen calls it: tensors as handles,
-# floats as double, the output through the last pointer.
+# floats as double, the outputs through the last pointers.
 SHIMS: dict[str, tuple[str, str]] = {
     "gemv_linear": ("aoti_torch_cpu_gemv_linear",
                     "AOTITorchError aoti_torch_cpu_gemv_linear(AtenTensorHandle x, AtenTensorHandle weight, "
                     "AtenTensorHandle* ret0)"),
+    "gemv_linear2": ("aoti_torch_cpu_gemv_linear2",
+                     "AOTITorchError aoti_torch_cpu_gemv_linear2(AtenTensorHandle x, AtenTensorHandle w0, "
+                     "AtenTensorHandle w1, AtenTensorHandle* ret0, AtenTensorHandle* ret1)"),
+    "gemv_linear3": ("aoti_torch_cpu_gemv_linear3",
+                     "AOTITorchError aoti_torch_cpu_gemv_linear3(AtenTensorHandle x, AtenTensorHandle w0, "
+                     "AtenTensorHandle w1, AtenTensorHandle w2, AtenTensorHandle* ret0, AtenTensorHandle* ret1, "
+                     "AtenTensorHandle* ret2)"),
     "paged_decode_attention": ("aoti_torch_cpu_paged_decode_attention",
                                "AOTITorchError aoti_torch_cpu_paged_decode_attention(AtenTensorHandle query, "
                                "AtenTensorHandle key_cache, AtenTensorHandle value_cache, "
@@ -92,21 +99,24 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "graphgen"
 
 
-def call(op: str, tensors: list[torch.Tensor], *scalars: float) -> torch.Tensor:
+def call(op: str, tensors: list[torch.Tensor], *scalars: float, outputs: int = 1):
     """Run op's shim on eager tensors through AOTI tensor handles, as a compiled graph would;
-    scalars follow the tensors (as doubles). Raises RuntimeError with the kernel's reason."""
+    scalars follow the tensors (as doubles). Returns the output tensor, or a tuple of `outputs`
+    tensors. Raises RuntimeError with the kernel's reason."""
     symbol = SHIMS[op][0]
     handles = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(tensors)
-    out = ctypes.c_void_p()
+    outs = [ctypes.c_void_p() for _ in range(outputs)]
     try:
         err = getattr(_library(), symbol)(*(ctypes.c_void_p(_capsule_pointer(h, None)) for h in handles),
-                                          *(ctypes.c_double(s) for s in scalars), ctypes.byref(out))
+                                          *(ctypes.c_double(s) for s in scalars), *map(ctypes.byref, outs))
     finally:
         torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs(handles)  # frees the input handles
-    if err != 0 or not out.value:
+    if err != 0 or not all(out.value for out in outs):
         shapes = ", ".join(str(tuple(t.shape)) for t in tensors)
         raise RuntimeError(f"{last_error() or op + ': the kernel failed'} (inputs {shapes})")
-    return torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs([_capsule_new(out.value, None, None)])[0]
+    results = torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs(
+        [_capsule_new(out.value, None, None) for out in outs])
+    return results[0] if outputs == 1 else tuple(results)
 
 
 def _compiler() -> str | None:

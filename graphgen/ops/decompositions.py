@@ -33,6 +33,9 @@ these decompositions so the whole step is compiled code:
   streams ~12 GB/s against the kernel's ~19 (docs/performance.md).
   Where the kernels cannot be built: fp32 takes oneDNN's inner product (`mkldnn._linear_pointwise`),
   bf16 keeps ATen's linear (oneDNN refuses plain bf16 weights without AVX512-BF16).
+  Linears without bias that read the same x (a layer's q, k and v projections; gate and up) are
+  served together, 3 or 2 at a time: `graphgen::gemv_linear3` / `gemv_linear2`, one pass over all
+  their weights (`serving_linears`).
 
 Anything else (masks, pse, quantization, padding, other modes) returns NotImplemented and stays a
 call of the reference kernel (or ATen's own decomposition). Static checks already ran in the fake
@@ -40,6 +43,9 @@ kernels when the graph was exported; indexing the pools through the block table 
 by the compiled code and by the kernel.
 """
 from __future__ import annotations
+
+import operator
+from collections import defaultdict
 
 import torch
 
@@ -51,6 +57,7 @@ from ._checks import known_true
 IFA = torch.ops.graphgen.npu_incre_flash_attention.tensor_lengths
 FIA = torch.ops.graphgen.npu_fused_infer_attention_score.tensor_lengths
 PFA = torch.ops.graphgen.npu_prompt_flash_attention.tensor_lengths
+LINEAR = torch.ops.aten.linear.default
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _IFA_PLAIN_NONE = ("padding_mask", "atten_mask", "pse_shift", "antiquant_scale", "antiquant_offset",
                    "dequant_scale1", "quant_scale1", "dequant_scale2", "quant_scale2", "quant_offset2",
@@ -171,16 +178,17 @@ def onednn_linear_available() -> bool:
 def serving_decompositions() -> dict:
     """op overload -> decomposition (NotImplemented where it does not apply), in the form of
     `ExportedProgram.run_decompositions`' table."""
-    return {IFA: _ifa, PFA: _pfa, FIA: _fia, torch.ops.aten.linear.default: _linear}
+    return {IFA: _ifa, PFA: _pfa, FIA: _fia, LINEAR: _linear}
 
 
 def inline_serving_forms(gm: torch.fx.GraphModule) -> int:
     """Point every call of a serving-decomposed op in `gm` at a function that runs the
     decomposition, or the op itself where the decomposition returns NotImplemented; returns how
-    many calls were redirected. The next trace of `gm` (AOTInductor's own) then traces the serving
+    many calls were redirected. Sibling linears become one call of `serving_linears` first
+    (`group_sibling_linears`). The next trace of `gm` (AOTInductor's own) then traces the serving
     forms in place, which spares a whole-graph retrace of `run_decompositions` per graph."""
+    count = group_sibling_linears(gm)
     table = serving_decompositions()
-    count = 0
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in table:
             node.target = _serving_form(node.target, table[node.target])
@@ -188,6 +196,65 @@ def inline_serving_forms(gm: torch.fx.GraphModule) -> int:
     if count:
         gm.recompile()
     return count
+
+
+def group_sibling_linears(gm: torch.fx.GraphModule) -> int:
+    """Replace linears without bias that read the same x (a layer's q, k and v projections; gate
+    and up) by calls of `serving_linears` over 3 or 2 of their weights at a time, in graph order
+    (4 siblings: 2 + 2; a last single one stays a linear), each call just before the first linear
+    it replaces. A sibling whose weight is computed after that point stays on its own. Returns how
+    many linears it replaced."""
+    siblings: dict[torch.fx.Node, list[torch.fx.Node]] = defaultdict(list)
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is LINEAR and not node.kwargs \
+                and (len(node.args) == 2 or node.args[2] is None):
+            siblings[node.args[0]].append(node)
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+
+    def movable(weight, first: torch.fx.Node) -> bool:  # defined before `first`, or a parameter read
+        return not isinstance(weight, torch.fx.Node) or weight.op == "get_attr" or order[weight] < order[first]
+
+    replaced = 0
+    for nodes in siblings.values():
+        nodes = [node for node in nodes if movable(node.args[1], nodes[0])]
+        while len(nodes) >= 2:
+            take = 2 if len(nodes) in (2, 4) else 3
+            _serve_together(gm, nodes[:take], order)
+            replaced += take
+            nodes = nodes[take:]
+    if replaced:
+        gm.graph.lint()
+        gm.recompile()
+    return replaced
+
+
+def _serve_together(gm: torch.fx.GraphModule, linears: list[torch.fx.Node], order: dict) -> None:
+    """One `serving_linears` call in place of `linears` (siblings in graph order), just before the
+    first: parameter reads after it move up (they have no inputs)."""
+    first = linears[0]
+    weights = [node.args[1] for node in linears]
+    for w in weights:
+        if isinstance(w, torch.fx.Node) and order[w] > order[first]:
+            first.prepend(w)
+    with gm.graph.inserting_before(first):
+        call = gm.graph.call_function(serving_linears, (first.args[0], *weights))
+    for i, node in enumerate(linears):
+        with gm.graph.inserting_after(call):
+            item = gm.graph.call_function(operator.getitem, (call, i))
+        node.replace_all_uses_with(item)
+        gm.graph.erase_node(node)
+
+
+def serving_linears(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """x @ w.T for each of 2 or 3 weights: one pass of `graphgen::gemv_linear2/3` where graphgen's
+    kernel takes the linear (`_linear`'s conditions, no bias), else each weight's own serving form."""
+    ops = {2: torch.ops.graphgen.gemv_linear2, 3: torch.ops.graphgen.gemv_linear3}
+    if len(weights) in ops and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) \
+            and cpu_kernels.available() \
+            and all(w.device.type == "cpu" and w.dim() == 2 and w.dtype == x.dtype for w in weights):
+        return ops[len(weights)](x, *weights)
+    linear = _serving_form(LINEAR, _linear)
+    return tuple(linear(x, w) for w in weights)
 
 
 def _serving_form(op, decomposition):

@@ -31,6 +31,8 @@ constexpr int64_t kMinPanelRows = 4;
 // AMX) and outruns the panels, which widen bf16 to fp32; without them (AVX2) ATen's bf16 mm is its
 // generic path, ~3.5x slower than this kernel at 16-256 rows here, so the kernel takes all rows.
 constexpr int64_t kMaxRowsNativeBf16 = 16;
+// The most weights one call takes (gemv_linear3: q, k and v).
+constexpr int kMaxLinears = 3;
 
 int64_t max_rows_bf16() {
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
@@ -131,13 +133,34 @@ inline void tile(const float* x, const T* w, T* y, int64_t n0, int64_t N, int64_
     block_bf16<M, R>(x, w, y, n0, N, K);
 }
 
+// One weight matrix of a call: w (N, K) and its output y (rows, N). A call takes one matrix, or
+// several that share x (a layer's q, k and v projections; gate and up), as one pass.
+template <typename T>
+struct Linear {
+  const T* w;
+  T* y;
+  int64_t N;
+};
+
 template <typename T, int M>
-void gemv(const float* x, const T* w, T* y, int64_t N, int64_t K) {
+void gemv(const float* x, const Linear<T>* mats, int count, int64_t K) {
   constexpr int R = M == 1 ? 8 : (M == 2 ? 4 : 2);  // accumulators + loads fit the 16 ymm registers
-  const int64_t full = N / R * R;
-#pragma omp parallel for schedule(static) num_threads(threads())
-  for (int64_t n = 0; n < full; n += R) tile<T, M, R>(x, w, y, n, N, K);
-  for (int64_t n = full; n < N; ++n) tile<T, M, 1>(x, w, y, n, N, K);
+  int64_t bands = 0;  // full bands of R rows, over all matrices in order
+  for (int i = 0; i < count; ++i) bands += mats[i].N / R;
+#pragma omp parallel num_threads(threads())
+  {
+    // a thread's contiguous range of bands: matrix by matrix, from the matrix its first band is in
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+    int64_t b = bands * t / nt, end = bands * (t + 1) / nt, before = 0;
+    for (int i = 0; i < count && b < end; ++i) {
+      const Linear<T>& m = mats[i];
+      const int64_t here = m.N / R;
+      for (; b < end && b < before + here; ++b) tile<T, M, R>(x, m.w, m.y, (b - before) * R, m.N, K);
+      before += here;
+    }
+  }
+  for (int i = 0; i < count; ++i)
+    for (int64_t n = mats[i].N / R * R; n < mats[i].N; ++n) tile<T, M, 1>(x, mats[i].w, mats[i].y, n, mats[i].N, K);
 }
 
 // ---- Panels: 4 or more rows of x (decode at batch 4+, mixed steps, prefill) ----
@@ -320,18 +343,44 @@ class Shares {
   std::unique_ptr<std::atomic<uint64_t>[]> range_;
 };
 
-// y = x @ w.T through panels. Threads split the weight rows into groups of kGroupBands bands
-// (`Shares`). Per chunk of panels, a group runs its bands over every panel of the chunk, K in
-// blocks, with the sums in a per-thread scratch tile, then writes its columns of y. Chunks need no
-// barrier between them: each writes its own rows of y.
+// The weight-row groups of a call's matrices, numbered matrix after matrix: which matrix a group is
+// in and its first row there.
 template <typename T>
-void gemm_panels(const T* x, const T* w, T* y, int64_t rows, int64_t N, int64_t K) {
+class Groups {
+ public:
+  Groups(const Linear<T>* mats, int count, int64_t rows_per_group) : mats_(mats), rows_(rows_per_group) {
+    for (int i = 0; i < count; ++i) total_ += (mats[i].N + rows_ - 1) / rows_;
+  }
+  int64_t total() const { return total_; }
+  // group g (0 <= g < total) -> its matrix, and the first weight row of the group there
+  const Linear<T>& locate(int64_t g, int64_t& n0) const {
+    int i = 0;
+    for (int64_t n; g >= (n = (mats_[i].N + rows_ - 1) / rows_); g -= n) ++i;
+    n0 = g * rows_;
+    return mats_[i];
+  }
+
+ private:
+  const Linear<T>* mats_;
+  int64_t rows_, total_ = 0;
+};
+
+// y = x @ w.T for each matrix of the call, through panels. Threads split the weight rows of all
+// matrices, in groups of kGroupBands bands, into shares (`Shares`). Per chunk of panels, a group
+// runs its bands over every panel of the chunk, K in blocks, with the sums in a per-thread scratch
+// tile, then writes its columns of y. Chunks need no barrier between them: each writes its own
+// rows of y. One call over several matrices packs x once, forks the threads once, balances the
+// shares over all their groups and prefetches from one matrix into the next: bench-125m's mixed
+// steps ran ~7% faster with q, k, v and gate, up as two calls instead of five (docs/performance.md).
+template <typename T>
+void gemm_panels(const T* x, const Linear<T>* mats, int count, int64_t rows, int64_t K) {
   constexpr int64_t kGroupRows = kGroupBands * kBandRows;
   const int64_t P = (rows + kPanelRows - 1) / kPanelRows;
   const int last_vectors = rows - (P - 1) * kPanelRows > 8 ? 2 : 1;
   thread_local std::vector<float> packed_storage;
   float* packed = align64(packed_storage, P * K * kPanelRows);
-  const int64_t groups = (N + kGroupRows - 1) / kGroupRows;
+  const Groups<T> all(mats, count, kGroupRows);
+  const int64_t groups = all.total();
   const int64_t kblocks = (K + kMaxKBlock - 1) / kMaxKBlock, kstep = kblocks == 1 ? K : ((K + kblocks - 1) / kblocks + 7) / 8 * 8;
   constexpr int64_t kPackStep = 64;
   const int64_t pack_parts = (K + kPackStep - 1) / kPackStep;
@@ -353,15 +402,19 @@ void gemm_panels(const T* x, const T* w, T* y, int64_t rows, int64_t N, int64_t 
       const int64_t c1 = std::min(P, c0 + kChunkPanels);
       bool stolen = false;
       for (int64_t g; (g = shares[c0 / kChunkPanels]->take(me, stolen)) >= 0;) {
-        const int64_t n0 = g * kGroupRows, n1 = std::min(N, n0 + kGroupRows);
+        int64_t n0;
+        const Linear<T>& m = all.locate(g, n0);
+        const T* w = m.w;
+        const int64_t N = m.N, n1 = std::min(N, n0 + kGroupRows);
         const int64_t bands = (n1 - n0 + kBandRows - 1) / kBandRows;  // the last may have fewer rows
-        Prefetch pf;  // the group kAheadGroups further on in this thread's direction
-        const int64_t ahead_group = stolen ? g - kAheadGroups : g + kAheadGroups;
-        const int64_t ahead0 = std::min(N, std::max<int64_t>(0, ahead_group) * kGroupRows);
-        const int64_t ahead1 = ahead_group < 0 ? ahead0 : std::min(N, ahead0 + kGroupRows);
-        if (ahead1 > ahead0) {
-          pf.next = reinterpret_cast<const char*>(w + ahead0 * K);
-          pf.lines = ((ahead1 - ahead0) * K * static_cast<int64_t>(sizeof(T)) + 63) / 64;
+        Prefetch pf;  // the group kAheadGroups further on in this thread's direction, in any matrix
+        const int64_t ahead = stolen ? g - kAheadGroups : g + kAheadGroups;
+        if (ahead >= 0 && ahead < groups) {
+          int64_t a0;
+          const Linear<T>& am = all.locate(ahead, a0);
+          const int64_t a1 = std::min(am.N, a0 + kGroupRows);
+          pf.next = reinterpret_cast<const char*>(am.w + a0 * K);
+          pf.lines = ((a1 - a0) * K * static_cast<int64_t>(sizeof(T)) + 63) / 64;
           const int64_t steps = (c1 - c0) * bands * K;  // the group's k steps
           pf.per16 = (pf.lines * 16 + steps - 1) / steps;
           pf.to_l1 = P > 1;
@@ -393,8 +446,8 @@ void gemm_panels(const T* x, const T* w, T* y, int64_t rows, int64_t N, int64_t 
           const int64_t m0 = p * kPanelRows, m1 = std::min(rows, m0 + kPanelRows);
           for (int64_t b = 0; b < bands; ++b) {
             const int64_t nb = n0 + b * kBandRows, r = std::min<int64_t>(kBandRows, n1 - nb);
-            for (int64_t m = m0; m < m1; ++m)
-              for (int64_t i = 0; i < r; ++i) store(y + m * N + nb + i, scratch[p - c0][b][i * kPanelRows + (m - m0)]);
+            for (int64_t row = m0; row < m1; ++row)
+              for (int64_t i = 0; i < r; ++i) store(m.y + row * N + nb + i, scratch[p - c0][b][i * kPanelRows + (row - m0)]);
           }
         }
       }
@@ -402,12 +455,11 @@ void gemm_panels(const T* x, const T* w, T* y, int64_t rows, int64_t N, int64_t 
   }
 }
 
+// y_i = x @ w_i.T for each matrix of the call: contiguous x (rows, K) and weights.
 template <typename T>
-void run(const void* xp, const void* wp, void* yp, int64_t rows, int64_t N, int64_t K) {
+void run(const void* xp, const Linear<T>* mats, int count, int64_t rows, int64_t K) {
   const T* x = static_cast<const T*>(xp);
-  const T* w = static_cast<const T*>(wp);
-  T* y = static_cast<T*>(yp);
-  if (rows >= kMinPanelRows) return gemm_panels(x, w, y, rows, N, K);
+  if (rows >= kMinPanelRows) return gemm_panels(x, mats, count, rows, K);
   std::vector<float> permuted;
   const float* xf;
   if constexpr (std::is_same_v<T, float>) {
@@ -418,9 +470,9 @@ void run(const void* xp, const void* wp, void* yp, int64_t rows, int64_t N, int6
     xf = permuted.data();
   }
   switch (rows) {
-    case 1: gemv<T, 1>(xf, w, y, N, K); break;
-    case 2: gemv<T, 2>(xf, w, y, N, K); break;
-    default: gemv<T, 3>(xf, w, y, N, K); break;
+    case 1: gemv<T, 1>(xf, mats, count, K); break;
+    case 2: gemv<T, 2>(xf, mats, count, K); break;
+    default: gemv<T, 3>(xf, mats, count, K); break;
   }
 }
 
@@ -462,6 +514,71 @@ AOTITorchError bf16_mm(AtenTensorHandle x, int64_t xdim, const int64_t* xs, cons
   return finish(aoti_torch_cpu_mm_out(owned[4], owned[2], owned[3]));
 }
 
+// outs[i] = x @ weights[i].T for `count` weights of one K, each output a new (..., N_i) tensor.
+// Contiguous operands (and bf16 up to max_rows_bf16() rows) run graphgen's kernels, all weights in
+// one pass; else each weight on its own: strided fp32 through oneDNN's inner product, bf16 through
+// ATen's mm. On failure no output is left allocated.
+AOTITorchError linears(AtenTensorHandle x, const AtenTensorHandle* weights, int count, AtenTensorHandle* outs) {
+  g_last_error.clear();
+  for (int i = 0; i < count; ++i) outs[i] = nullptr;
+  int64_t xdim = 0, wdim[kMaxLinears] = {};
+  int64_t *xs = nullptr, *xst = nullptr, *ws[kMaxLinears] = {}, *wst[kMaxLinears] = {};
+  int32_t xdtype = 0, wdtype = 0;
+  AOTITorchError err = AOTI_TORCH_SUCCESS;
+  if ((err = aoti_torch_get_dim(x, &xdim)) || (err = aoti_torch_get_sizes(x, &xs)) ||
+      (err = aoti_torch_get_strides(x, &xst)) || (err = aoti_torch_get_dtype(x, &xdtype)))
+    return err;
+  const bool f32 = xdtype == aoti_torch_dtype_float32(), bf16 = xdtype == aoti_torch_dtype_bfloat16();
+  bool dense = true;  // every weight contiguous
+  for (int i = 0; i < count; ++i) {
+    if ((err = aoti_torch_get_dim(weights[i], &wdim[i])) || (err = aoti_torch_get_sizes(weights[i], &ws[i])) ||
+        (err = aoti_torch_get_strides(weights[i], &wst[i])) || (err = aoti_torch_get_dtype(weights[i], &wdtype)))
+      return err;
+    if (xdim < 1 || xdim > 8 || wdim[i] != 2 || xs[xdim - 1] != ws[i][1] || wdtype != xdtype || !(f32 || bf16))
+      return fail("gemv_linear: x (..., K) with 1-8 dims and weight (N, K), both float32 or both bfloat16, expected");
+    dense = dense && contiguous(2, ws[i], wst[i]);
+  }
+  int64_t rows = 1;
+  for (int64_t i = 0; i + 1 < xdim; ++i) rows *= xs[i];
+  const int64_t K = xs[xdim - 1];
+  const bool fast = rows >= 1 && (f32 || rows <= max_rows_bf16()) && contiguous(xdim, xs, xst);
+  auto release = [&](AOTITorchError e) {
+    for (int i = 0; e && i < count; ++i)
+      if (outs[i]) aoti_torch_delete_tensor_object(outs[i]), outs[i] = nullptr;
+    return e;
+  };
+  if (!fast || !dense) {
+    if (count > 1) {  // each weight on its own (some may still take the kernel)
+      for (int i = 0; i < count && !err; ++i) err = linears(x, weights + i, 1, outs + i);
+      return release(err);
+    }
+    if (f32)  // strided operands: oneDNN's inner product
+      return aoti_torch_cpu__linear_pointwise(x, weights[0], nullptr, "none", nullptr, 0, nullptr, outs);
+  }
+  int64_t sizes[8], strides[8];
+  for (int64_t i = 0; i + 1 < xdim; ++i) sizes[i] = xs[i];
+  void *xp = nullptr, *wp[kMaxLinears] = {}, *yp[kMaxLinears] = {};
+  for (int i = 0; i < count && !err; ++i) {
+    sizes[xdim - 1] = ws[i][0];
+    contiguous_strides(xdim, sizes, strides);
+    if (!(err = aoti_torch_empty_strided(xdim, sizes, strides, xdtype, aoti_torch_device_type_cpu(), 0, &outs[i])))
+      err = (err = aoti_torch_get_data_ptr(weights[i], &wp[i])) ? err : aoti_torch_get_data_ptr(outs[i], &yp[i]);
+  }
+  if (err || (err = aoti_torch_get_data_ptr(x, &xp))) return release(err);
+  if (!fast || !dense) return release(bf16_mm(x, xdim, xs, xst, weights[0], ws[0], wst[0], outs[0], rows));
+  if (f32) {
+    Linear<float> mats[kMaxLinears];
+    for (int i = 0; i < count; ++i) mats[i] = {static_cast<const float*>(wp[i]), static_cast<float*>(yp[i]), ws[i][0]};
+    run<float>(xp, mats, count, rows, K);
+  } else {
+    Linear<uint16_t> mats[kMaxLinears];
+    for (int i = 0; i < count; ++i)
+      mats[i] = {static_cast<const uint16_t*>(wp[i]), static_cast<uint16_t*>(yp[i]), ws[i][0]};
+    run<uint16_t>(xp, mats, count, rows, K);
+  }
+  return AOTI_TORCH_SUCCESS;
+}
+
 }  // namespace
 
 extern "C" {
@@ -471,44 +588,28 @@ void graphgen_set_num_threads(int threads) { g_threads.store(threads, std::memor
 const char* graphgen_last_error() { return g_last_error.c_str(); }
 
 AOTITorchError aoti_torch_cpu_gemv_linear(AtenTensorHandle x, AtenTensorHandle weight, AtenTensorHandle* ret0) {
-  g_last_error.clear();
-  int64_t xdim = 0, wdim = 0;
-  int64_t *xs = nullptr, *xst = nullptr, *ws = nullptr, *wst = nullptr;
-  int32_t xdtype = 0, wdtype = 0;
-  AOTITorchError err = AOTI_TORCH_SUCCESS;
-  if ((err = aoti_torch_get_dim(x, &xdim)) || (err = aoti_torch_get_dim(weight, &wdim)) ||
-      (err = aoti_torch_get_sizes(x, &xs)) || (err = aoti_torch_get_strides(x, &xst)) ||
-      (err = aoti_torch_get_sizes(weight, &ws)) || (err = aoti_torch_get_strides(weight, &wst)) ||
-      (err = aoti_torch_get_dtype(x, &xdtype)) || (err = aoti_torch_get_dtype(weight, &wdtype)))
-    return err;
-  const bool f32 = xdtype == aoti_torch_dtype_float32() && wdtype == aoti_torch_dtype_float32();
-  const bool bf16 = xdtype == aoti_torch_dtype_bfloat16() && wdtype == aoti_torch_dtype_bfloat16();
-  if (xdim < 1 || xdim > 8 || wdim != 2 || xs[xdim - 1] != ws[1] || !(f32 || bf16))
-    return fail("gemv_linear: x (..., K) with 1-8 dims and weight (N, K), both float32 or both bfloat16, expected");
-  int64_t rows = 1;
-  for (int64_t i = 0; i + 1 < xdim; ++i) rows *= xs[i];
-  const int64_t N = ws[0], K = ws[1];
-  const bool fast = rows >= 1 && (f32 || rows <= max_rows_bf16()) && contiguous(xdim, xs, xst) &&
-                    contiguous(2, ws, wst);
-  if (!fast && f32)  // strided operands: oneDNN's inner product
-    return aoti_torch_cpu__linear_pointwise(x, weight, nullptr, "none", nullptr, 0, nullptr, ret0);
+  return linears(x, &weight, 1, ret0);
+}
 
-  int64_t sizes[8], strides[8];
-  for (int64_t i = 0; i + 1 < xdim; ++i) sizes[i] = xs[i];
-  sizes[xdim - 1] = N;
-  contiguous_strides(xdim, sizes, strides);
-  if ((err = aoti_torch_empty_strided(xdim, sizes, strides, xdtype, aoti_torch_device_type_cpu(), 0, ret0)))
-    return err;
-  if (!fast) return bf16_mm(x, xdim, xs, xst, weight, ws, wst, *ret0, rows);
-  void *xp = nullptr, *wp = nullptr, *yp = nullptr;
-  if ((err = aoti_torch_get_data_ptr(x, &xp)) || (err = aoti_torch_get_data_ptr(weight, &wp)) ||
-      (err = aoti_torch_get_data_ptr(*ret0, &yp)))
-    return err;
-  if (f32)
-    run<float>(xp, wp, yp, rows, N, K);
-  else
-    run<uint16_t>(xp, wp, yp, rows, N, K);
-  return AOTI_TORCH_SUCCESS;
+// x @ w0.T and x @ w1.T in one pass (a layer's gate and up projections).
+AOTITorchError aoti_torch_cpu_gemv_linear2(AtenTensorHandle x, AtenTensorHandle w0, AtenTensorHandle w1,
+                                           AtenTensorHandle* ret0, AtenTensorHandle* ret1) {
+  const AtenTensorHandle weights[2] = {w0, w1};
+  AtenTensorHandle outs[2];
+  const AOTITorchError err = linears(x, weights, 2, outs);
+  if (!err) *ret0 = outs[0], *ret1 = outs[1];
+  return err;
+}
+
+// x @ w0.T, x @ w1.T and x @ w2.T in one pass (a layer's q, k and v projections).
+AOTITorchError aoti_torch_cpu_gemv_linear3(AtenTensorHandle x, AtenTensorHandle w0, AtenTensorHandle w1,
+                                           AtenTensorHandle w2, AtenTensorHandle* ret0, AtenTensorHandle* ret1,
+                                           AtenTensorHandle* ret2) {
+  const AtenTensorHandle weights[3] = {w0, w1, w2};
+  AtenTensorHandle outs[3];
+  const AOTITorchError err = linears(x, weights, 3, outs);
+  if (!err) *ret0 = outs[0], *ret1 = outs[1], *ret2 = outs[2];
+  return err;
 }
 
 }  // extern "C"
