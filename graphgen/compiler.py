@@ -180,6 +180,17 @@ def _example_inputs(phase: str, spec: KVSpec, recipe: Recipe, device: torch.devi
     return ex + pools, dims + pool_dims
 
 
+def _in_use_order(gm: fx.GraphModule, fqns: list[str]) -> list[str]:
+    """The graph constants `fqns` in the order `gm` first reads them (names it never reads last):
+    the runtime lays the weights out in memory in this order (runtime/graphs.py)."""
+    first: dict[str, int] = {}
+    for i, node in enumerate(gm.graph.nodes):
+        for arg in node.all_input_nodes:
+            if arg.op == "get_attr":
+                first.setdefault(arg.target, i)
+    return sorted(fqns, key=lambda fqn: first.get(fqn, len(first) + len(gm.graph.nodes)))
+
+
 def _weight_map(gm: fx.GraphModule, fqns: list[str], checkpoint: dict[str, torch.Tensor]):
     """Map each graph constant to a checkpoint key (same tensor, or a tied copy), else keep it as
     an extra constant. Returns (map fqn -> ["model"|"constants", key], extra constants)."""
@@ -439,7 +450,7 @@ def compile_recipe(
             for phase, fqns in workers.results().items():
                 graphs[phase]["weights"] = fqns
         for phase, entry in graphs.items():
-            entry["weights"], extra = _weight_map(modules[phase], entry["weights"], ckpt)
+            entry["weights"], extra = _weight_map(modules[phase], _in_use_order(modules[phase], entry["weights"]), ckpt)
             extra_constants.update(extra)
         graphs["decode"]["batch_sizes"] = list(recipe.graphs.decode_batch_sizes)
         prefill = recipe.graphs.prefill

@@ -179,6 +179,13 @@ def test_tiny_artifact_manifest(tiny_artifact):
         assert graph["inputs"] == PHASE_INPUTS[phase] + cache_input_names(m.kv.num_layers)
         # weights come from the checkpoint, not from inside the graph packages
         assert all(src == "model" for src, _ in graph["weights"].values() if not _.startswith("compressed"))
+    # listed in the order a step reads them, which is how the runtime lays them out in memory
+    keys = [key for _, key in m.graphs["decode"]["weights"].values()]
+    layer = [f"model.layers.0.{name}.weight" for name in ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+             "self_attn.v_proj", "self_attn.o_proj", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj",
+             "mlp.down_proj")]
+    assert keys[:len(layer) + 1] == ["model.embed_tokens.weight", *layer]
+    assert keys.index("model.layers.1.self_attn.q_proj.weight") > keys.index("model.layers.0.mlp.down_proj.weight")
     assert m.data["versions"]["torch"] == torch.__version__
     assert m.data["kv"]["layout"] == "BSH" and m.data["kv"]["block_size"] == 16
     assert m.special_tokens["eos"] == [257]

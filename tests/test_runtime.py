@@ -213,40 +213,63 @@ def test_corrupt_weights_are_refused_though_checked_while_they_load(tiny_eager_a
     assert "ends past the end of the file" in str(failure.value.__context__)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are Linux's")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_large_weights_move_to_huge_page_aligned_copies(dtype):
-    from graphgen.runtime.graphs import HUGE_PAGE, on_huge_pages
-
-    big = torch.randn(1024, 1536).to(dtype)  # >= 2 MiB in either dtype
-    moved = on_huge_pages(big)
-    assert torch.equal(moved, big) and moved.dtype == dtype and moved.is_contiguous()
-    assert moved.data_ptr() != big.data_ptr() and moved.data_ptr() % HUGE_PAGE == 0
-    small = torch.randn(64, 64).to(dtype)
-    assert on_huge_pages(small) is small  # under one huge page: left where it is
-    cast = on_huge_pages(big.float(), dtype)  # the artifact's dtype, in the same copy
-    assert torch.equal(cast, big) and cast.dtype == dtype and cast.data_ptr() % HUGE_PAGE == 0
-
-
-def test_safetensors_read_straight_into_buffers_matches_the_library(tmp_path):
+def test_weights_are_read_into_one_buffer_in_the_order_asked(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from graphgen.runtime.graphs import HUGE_PAGE, read_safetensors
+    from graphgen.runtime.graphs import HUGE_PAGE, read_packed
 
     tensors = {"big": torch.randn(1024, 1024), "half": torch.randn(3, 5).bfloat16(), "ids": torch.arange(7),
-               "flag": torch.tensor([True, False]), "scalar": torch.tensor(2.5, dtype=torch.float16)}
+               "flag": torch.tensor([True, False]), "scalar": torch.tensor(2.5, dtype=torch.float16),
+               "odd": torch.randn(3)}
     save_file(tensors, str(tmp_path / "w.safetensors"), metadata={"format": "pt"})
-    got = read_safetensors(tmp_path / "w.safetensors")
-    want = load_file(str(tmp_path / "w.safetensors"))
-    assert got.keys() == want.keys()
-    for name in want:
-        assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
-    if sys.platform.startswith("linux"):
-        assert got["big"].data_ptr() % HUGE_PAGE == 0
+    save_file({"other": torch.randn(4, 4)}, str(tmp_path / "v.safetensors"))
+    want = {**load_file(str(tmp_path / "w.safetensors")), **load_file(str(tmp_path / "v.safetensors"))}
+    order = ["odd", "other", "big", "scalar", "half", "flag", "ids"]  # not the files' order, across two files
+    keep = lambda dtype: None  # noqa: E731
+    got = read_packed([(tmp_path / f"{'v' if name == 'other' else 'w'}.safetensors", name, keep) for name in order])
+    for name, tensor in zip(order, got):
+        assert tensor.dtype == want[name].dtype and torch.equal(tensor, want[name]), name
+        assert tensor.is_contiguous() and tensor.data_ptr() % 64 == 0, name
+    starts = [t.data_ptr() for t in got]
+    assert starts == sorted(starts)  # one after another, as asked
+    assert got[0].untyped_storage().data_ptr() == got[-1].untyped_storage().data_ptr()  # one buffer
+    if sys.platform.startswith("linux"):  # 4 MiB in all: the buffer starts on a huge page
+        assert starts[0] % HUGE_PAGE == 0
+    # a cast happens in the same read: floats to bf16, the rest kept
+    cast = lambda dtype: torch.bfloat16 if dtype.is_floating_point else None  # noqa: E731
+    big, ids = read_packed([(tmp_path / "w.safetensors", "big", cast), (tmp_path / "w.safetensors", "ids", cast)])
+    assert big.dtype == torch.bfloat16 and torch.equal(big, want["big"].bfloat16()) and torch.equal(ids, want["ids"])
+
+
+def test_unreadable_weights_say_which_file_and_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    from graphgen.runtime.graphs import read_packed
+
+    save_file({"w": torch.randn(64, 64)}, str(tmp_path / "w.safetensors"))
+    keep = lambda dtype: None  # noqa: E731
+    with pytest.raises(ArtifactError, match=r"w.safetensors: tensor 'nope' is missing"):
+        read_packed([(tmp_path / "w.safetensors", "nope", keep)])
     data = (tmp_path / "w.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[:-100])
-    with pytest.raises(ArtifactError, match="cut.safetensors: not a readable safetensors file"):
-        read_safetensors(tmp_path / "cut.safetensors")
+    with pytest.raises(ArtifactError, match="cut.safetensors: not a readable safetensors file.*ends past the end"):
+        read_packed([(tmp_path / "cut.safetensors", "w", keep)])
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10" + bytes(7) + b"not json at all!")
+    with pytest.raises(ArtifactError, match="junk.safetensors: not a readable safetensors file"):
+        read_packed([(tmp_path / "junk.safetensors", "w", keep)])
+
+
+def test_loaded_weights_lie_in_use_order_in_one_buffer(tiny_artifact):
+    from graphgen.runtime.graphs import load_weights
+
+    manifest = read_manifest(tiny_artifact)
+    weights = load_weights(manifest, torch.device("cpu"))
+    decode = weights["decode"]
+    names = list(manifest.graphs["decode"]["weights"])
+    starts = [decode[name].data_ptr() for name in names]
+    assert starts == sorted(starts)  # the manifest's order: the order a step reads them
+    for phase, bound in weights.items():  # shared between graphs: one copy
+        assert all(bound[name].data_ptr() == decode[name].data_ptr() for name in bound if name in decode), phase
 
 
 def test_artifact_built_here_loads_without_an_isa_warning(tiny_artifact):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Callable
@@ -27,57 +28,106 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 def load_weights(manifest: Manifest, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
     """Per graph: constant name -> tensor, read once from model/*.safetensors and the extra
     constants file, cast to the artifact's dtype, shared between graphs (one copy in memory).
-    On the CPU the files are read by `read_safetensors`: tensors of 2 MiB or more in huge pages."""
-    read = read_safetensors if device.type == "cpu" and sys.byteorder == "little" \
-        else lambda path: load_file(str(path), device=str(device))
-    files: dict[str, dict[str, torch.Tensor]] = {"model": {}, "constants": {}}
-    for path in sorted(manifest.model_dir.glob("*.safetensors")):
-        files["model"].update(read(path))
-    if manifest.data.get("constants_file"):
-        files["constants"] = read(manifest.path(manifest.data["constants_file"]))
+    On the CPU all of them are read into one buffer (`read_packed`) in the order the graphs use
+    them (the manifest lists each graph's weights that way): a layer's q, k and v, or gate and up,
+    lie side by side, all on huge pages."""
     dtype = DTYPES[manifest.data["dtype"]]
-    cast: dict[tuple[str, str], torch.Tensor] = {}
-    out = {}
+    constants = manifest.data.get("constants_file")
+    paths = {"model": sorted(manifest.model_dir.glob("*.safetensors")),
+             "constants": [manifest.path(constants)] if constants else []}
+    packed = device.type == "cpu" and sys.byteorder == "little"
+    if packed:  # (source, key) -> its file, from the headers: the data is read once, below
+        stored = {(source, name): path for source, files in paths.items() for path in files
+                  for name in safetensors_header(path)[0]}
+    else:
+        stored = {(source, name): tensor for source, files in paths.items() for path in files
+                  for name, tensor in load_file(str(path), device=str(device)).items()}
+    order: dict[tuple[str, str], None] = {}  # (source, key) by first use, each once
     for phase, graph in manifest.graphs.items():
-        bound = {}
-        for fqn, (source, key) in graph["weights"].items():
-            if (source, key) not in cast and key not in files[source]:
-                where = manifest.model_dir if source == "model" else manifest.path(manifest.data["constants_file"])
+        for source, key in graph["weights"].values():
+            if (source, key) not in stored:
+                where = manifest.model_dir if source == "model" else manifest.path(constants)
                 raise ArtifactError(f"{where}: tensor '{key}' needed by graph '{phase}' is missing; "
                                     "rebuild with `graphgen compile <recipe> --force`")
-            if (source, key) not in cast:
-                tensor = files[source].pop(key)  # popped: a cast frees the file's copy as it goes
-                if tensor.is_floating_point() and source == "model" and tensor.dtype != dtype:
-                    tensor = on_huge_pages(tensor, dtype)
-                cast[(source, key)] = tensor.contiguous()
-            bound[fqn] = cast[(source, key)]
-        out[phase] = bound
-    return out
+            order.setdefault((source, key))
+
+    def cast(source: str, stored_dtype: torch.dtype) -> torch.dtype | None:  # the checkpoint's floats
+        return dtype if source == "model" and stored_dtype.is_floating_point else None
+
+    if packed:
+        wanted = [(stored[source, key], key, functools.partial(cast, source)) for source, key in order]
+        tensors = dict(zip(order, read_packed(wanted)))
+    else:
+        tensors = {}
+        for source, key in order:
+            tensor = stored.pop((source, key))  # popped: a cast frees the file's copy as it goes
+            tensors[(source, key)] = tensor.to(cast(source, tensor.dtype) or tensor.dtype).contiguous()
+    return {phase: {fqn: tensors[(source, key)] for fqn, (source, key) in graph["weights"].items()}
+            for phase, graph in manifest.graphs.items()}
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """A .safetensors file's tensors on the CPU, each read straight from the file into its own
-    buffer (`huge_page_buffer` for 2 MiB or more): one copy, no mapping of the whole file kept
-    alive while the weights are placed. Format: 8-byte little-endian header length, a JSON header
-    {name: {dtype, shape, data_offsets}}, then the data."""
-    tensors = {}
-    with open(path, "rb") as f:
-        try:
+def safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
+    """A .safetensors file's tensors (name -> {dtype, shape, data_offsets}, no metadata) and where
+    their data starts. Format: 8-byte little-endian header length, a JSON header, then the data."""
+    try:
+        with open(path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(size))
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                begin, end = info["data_offsets"]
-                raw = huge_page_buffer(end - begin)
-                f.seek(8 + size + begin)
-                if f.readinto(raw.numpy()) != end - begin:
-                    raise ValueError(f"tensor '{name}' ends past the end of the file")
-                tensors[name] = raw.view(SAFETENSORS_DTYPES[info["dtype"]]).view(info["shape"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise ArtifactError(f"{path}: not a readable safetensors file ({e}); rebuild with "
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (ValueError, OSError) as e:
+        raise ArtifactError(f"{path}: not a readable safetensors file ({e}); rebuild with "
+                            "`graphgen compile <recipe> --force`") from e
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def read_packed(wanted: list[tuple[Path, str, Callable[[torch.dtype], torch.dtype | None]]]) -> list[torch.Tensor]:
+    """Tensors of .safetensors files, each (path, name, cast: its stored dtype -> the dtype wanted,
+    None to keep it), read straight from the files into one buffer (`huge_page_buffer`), one after
+    another in the order asked, each 64-byte aligned; a cast happens in the same copy. The
+    tensors are views of that buffer (it lives as long as any of them)."""
+    layout, total = [], 0
+    headers: dict[Path, tuple[dict, int]] = {}
+    for path, name, cast in wanted:
+        if path not in headers:
+            headers[path] = safetensors_header(path)
+        header, start = headers[path]
+        try:
+            info = header[name]
+            stored = SAFETENSORS_DTYPES[info["dtype"]]
+            begin, end = info["data_offsets"]
+            shape = [int(n) for n in info["shape"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{path}: tensor '{name}' is missing or unreadable ({e!r}); rebuild with "
                                 "`graphgen compile <recipe> --force`") from e
-    return tensors
+        dtype = cast(stored) or stored
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end - begin != math.prod(shape) * stored.itemsize:
+            raise ArtifactError(f"{path}: tensor '{name}' has {end - begin} bytes for shape {shape} {stored}")
+        total = -(-total // 64) * 64
+        layout.append((path, start + begin, end - begin, stored, dtype, shape, total))
+        total += nbytes
+    arena = huge_page_buffer(total)
+    out = []
+    files = {}
+    try:
+        for path, offset, size, stored, dtype, shape, at in layout:
+            f = files.get(path) or files.setdefault(path, open(path, "rb"))
+            slot = arena[at:at + math.prod(shape) * dtype.itemsize]
+            raw = slot if dtype == stored else torch.empty(size, dtype=torch.uint8)
+            f.seek(offset)
+            if f.readinto(raw.numpy()) != size:
+                raise ArtifactError(f"{path}: not a readable safetensors file (tensor at {offset} ends past the "
+                                    "end of the file); rebuild with `graphgen compile <recipe> --force`")
+            tensor = slot.view(dtype).view(shape)
+            if dtype != stored:
+                tensor.copy_(raw.view(stored).view(shape))
+            out.append(tensor)
+    finally:
+        for f in files.values():
+            f.close()
+    return out
 
 
 def huge_page_buffer(nbytes: int) -> torch.Tensor:
@@ -91,19 +141,6 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor:
     _libc().madvise(ctypes.c_void_p(raw.data_ptr() + start), ctypes.c_size_t(nbytes + HUGE_PAGE - nbytes % HUGE_PAGE),
                     MADV_HUGEPAGE)
     return raw[start:start + nbytes]
-
-
-def on_huge_pages(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A CPU tensor of 2 MiB or more copied (cast to `dtype`, if given, in the same copy) into
-    memory advised to Linux as transparent huge pages; anything else as it is (cast if asked).
-    Decode streams every weight once per step: with 4 KiB pages that stream misses the TLB every
-    4 KiB; with 2 MiB pages bench-125m decodes ~4-6% faster here (docs/performance.md). Where the
-    kernel refuses the advice, the copy keeps normal pages."""
-    dtype = dtype or tensor.dtype
-    nbytes = tensor.numel() * dtype.itemsize
-    if tensor.device.type != "cpu" or nbytes < HUGE_PAGE or not sys.platform.startswith("linux"):
-        return tensor.to(dtype)
-    return huge_page_buffer(nbytes).view(dtype).view(tensor.shape).copy_(tensor)
 
 
 @functools.cache
