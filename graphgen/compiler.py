@@ -188,7 +188,7 @@ def _in_use_order(gm: fx.GraphModule, fqns: list[str]) -> list[str]:
         for arg in node.all_input_nodes:
             if arg.op == "get_attr":
                 first.setdefault(arg.target, i)
-    return sorted(fqns, key=lambda fqn: first.get(fqn, len(first) + len(gm.graph.nodes)))
+    return sorted(fqns, key=lambda fqn: first.get(fqn, len(gm.graph.nodes)))
 
 
 def _weight_map(gm: fx.GraphModule, fqns: list[str], checkpoint: dict[str, torch.Tensor]):

@@ -158,11 +158,20 @@ def _pfa(query, key, value, **kw):
                          pre_tokens=pre if mode == 4 else None)
 
 
+def _cpu_linear(x, weight) -> bool:
+    """Whether x @ weight.T is a CPU linear of one dtype (what the serving forms take)."""
+    return x.device.type == "cpu" and weight.device.type == "cpu" and weight.dim() == 2 and x.dtype == weight.dtype
+
+
+def _kernel_takes(x) -> bool:
+    """Whether graphgen's linear kernel takes a CPU linear of x's dtype."""
+    return x.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.available()
+
+
 def _linear(x, weight, bias=None):
-    if x.device.type != "cpu" or weight.device.type != "cpu" or weight.dim() != 2 or x.dtype != weight.dtype \
-            or (bias is not None and bias.dtype != x.dtype):
+    if not _cpu_linear(x, weight) or (bias is not None and bias.dtype != x.dtype):
         return NotImplemented
-    if x.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.available():
+    if _kernel_takes(x):
         y = torch.ops.graphgen.gemv_linear(x, weight)
         return y if bias is None else y + bias
     if x.dtype == torch.float32 and onednn_linear_available():
@@ -249,9 +258,7 @@ def serving_linears(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tens
     """x @ w.T for each of 2 or 3 weights: one pass of `graphgen::gemv_linear2/3` where graphgen's
     kernel takes the linear (`_linear`'s conditions, no bias), else each weight's own serving form."""
     ops = {2: torch.ops.graphgen.gemv_linear2, 3: torch.ops.graphgen.gemv_linear3}
-    if len(weights) in ops and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) \
-            and cpu_kernels.available() \
-            and all(w.device.type == "cpu" and w.dim() == 2 and w.dtype == x.dtype for w in weights):
+    if len(weights) in ops and _kernel_takes(x) and all(_cpu_linear(x, w) for w in weights):
         return ops[len(weights)](x, *weights)
     linear = _serving_form(LINEAR, _linear)
     return tuple(linear(x, w) for w in weights)

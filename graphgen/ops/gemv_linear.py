@@ -47,10 +47,6 @@ def gemv_linear3(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor,
     return _linears("gemv_linear3", x, w0, w1, w2)
 
 
-# op name -> how many weights it takes
-OPS = {"gemv_linear": 1, "gemv_linear2": 2, "gemv_linear3": 3}
-
-
 def _linears(op: str, x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
     for weight in weights:
         _check(op, x, weight)

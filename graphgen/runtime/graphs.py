@@ -37,8 +37,9 @@ def load_weights(manifest: Manifest, device: torch.device) -> dict[str, dict[str
              "constants": [manifest.path(constants)] if constants else []}
     packed = device.type == "cpu" and sys.byteorder == "little"
     if packed:  # (source, key) -> its file, from the headers: the data is read once, below
+        headers = {path: safetensors_header(path) for files in paths.values() for path in files}
         stored = {(source, name): path for source, files in paths.items() for path in files
-                  for name in safetensors_header(path)[0]}
+                  for name in headers[path][0]}
     else:
         stored = {(source, name): tensor for source, files in paths.items() for path in files
                   for name, tensor in load_file(str(path), device=str(device)).items()}
@@ -56,7 +57,7 @@ def load_weights(manifest: Manifest, device: torch.device) -> dict[str, dict[str
 
     if packed:
         wanted = [(stored[source, key], key, functools.partial(cast, source)) for source, key in order]
-        tensors = dict(zip(order, read_packed(wanted)))
+        tensors = dict(zip(order, read_packed(wanted, headers)))
     else:
         tensors = {}
         for source, key in order:
@@ -82,13 +83,15 @@ def safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
     return header, 8 + size
 
 
-def read_packed(wanted: list[tuple[Path, str, Callable[[torch.dtype], torch.dtype | None]]]) -> list[torch.Tensor]:
+def read_packed(wanted: list[tuple[Path, str, Callable[[torch.dtype], torch.dtype | None]]],
+                headers: dict[Path, tuple[dict, int]] | None = None) -> list[torch.Tensor]:
     """Tensors of .safetensors files, each (path, name, cast: its stored dtype -> the dtype wanted,
     None to keep it), read straight from the files into one buffer (`huge_page_buffer`), one after
     another in the order asked, each 64-byte aligned; a cast happens in the same copy. The
-    tensors are views of that buffer (it lives as long as any of them)."""
+    tensors are views of that buffer (it lives as long as any of them). `headers`: the files'
+    `safetensors_header`s where the caller has read them already (the rest are read here)."""
     layout, total = [], 0
-    headers: dict[Path, tuple[dict, int]] = {}
+    headers = dict(headers or {})
     for path, name, cast in wanted:
         if path not in headers:
             headers[path] = safetensors_header(path)

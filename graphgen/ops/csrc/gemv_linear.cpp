@@ -530,7 +530,7 @@ AOTITorchError bf16_mm(AtenTensorHandle x, int64_t xdim, const int64_t* xs, cons
 AOTITorchError linears(AtenTensorHandle x, const AtenTensorHandle* weights, int count, AtenTensorHandle* outs) {
   g_last_error.clear();
   for (int i = 0; i < count; ++i) outs[i] = nullptr;
-  int64_t xdim = 0, wdim[kMaxLinears] = {};
+  int64_t xdim = 0, wdim = 0;
   int64_t *xs = nullptr, *xst = nullptr, *ws[kMaxLinears] = {}, *wst[kMaxLinears] = {};
   int32_t xdtype = 0, wdtype = 0;
   AOTITorchError err = AOTI_TORCH_SUCCESS;
@@ -540,10 +540,10 @@ AOTITorchError linears(AtenTensorHandle x, const AtenTensorHandle* weights, int 
   const bool f32 = xdtype == aoti_torch_dtype_float32(), bf16 = xdtype == aoti_torch_dtype_bfloat16();
   bool dense = true;  // every weight contiguous
   for (int i = 0; i < count; ++i) {
-    if ((err = aoti_torch_get_dim(weights[i], &wdim[i])) || (err = aoti_torch_get_sizes(weights[i], &ws[i])) ||
+    if ((err = aoti_torch_get_dim(weights[i], &wdim)) || (err = aoti_torch_get_sizes(weights[i], &ws[i])) ||
         (err = aoti_torch_get_strides(weights[i], &wst[i])) || (err = aoti_torch_get_dtype(weights[i], &wdtype)))
       return err;
-    if (xdim < 1 || xdim > 8 || wdim[i] != 2 || xs[xdim - 1] != ws[i][1] || wdtype != xdtype || !(f32 || bf16))
+    if (xdim < 1 || xdim > 8 || wdim != 2 || xs[xdim - 1] != ws[i][1] || wdtype != xdtype || !(f32 || bf16))
       return fail("gemv_linear: x (..., K) with 1-8 dims and weight (N, K), both float32 or both bfloat16, expected");
     dense = dense && contiguous(2, ws[i], wst[i]);
   }
