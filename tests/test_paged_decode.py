@@ -84,12 +84,35 @@ def test_int32_lengths_and_int64_table_and_threads():
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tasks_per_sequence_equal_tasks_per_head(dtype):
+    """From 2 sequences per thread on (BSH pool), a task runs all KV heads of a sequence: the same
+    arithmetic per head as one task per head, so the same bits, and empty rows stay zero."""
+    lens = [40, 0, 17, 1, 96, 33, 16, 70]
+    q, caches, table, lens_t, expected = _case(8, 12, 4, 64, 16, lens, dtype, False, seed=5)
+    try:
+        cpu_kernels.set_num_threads(8)  # 1 sequence per thread: a task per (sequence, KV head)
+        per_head = op(q, *caches, table, lens_t, 0.125)
+        cpu_kernels.set_num_threads(2)  # 4 per thread: a task per sequence
+        per_sequence = op(q, *caches, table, lens_t, 0.125)
+    finally:
+        cpu_kernels.set_num_threads(torch.get_num_threads())
+    assert torch.equal(per_sequence, per_head)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(per_sequence.double(), expected, **tol)
+    assert per_sequence[1].abs().max() == 0
+
+
+@needs_kernel
 def test_bad_tables_and_lengths_say_what_is_wrong():
     q, caches, table, lens_t, _ = _case(1, 4, 2, 16, 4, [9], torch.float32, False)
     num_blocks = caches[0].shape[0]
     bad = table.clone()
     bad[0, 1] = num_blocks + 5
     with pytest.raises(RuntimeError, match=f"block table entry {num_blocks + 5} is outside the cache's {num_blocks}"):
+        op(q, *caches, bad, lens_t, 0.25)
+    bad[0, 1] = -1  # an unset entry inside the sequence's length
+    with pytest.raises(RuntimeError, match=f"block table entry -1 is outside the cache's {num_blocks}"):
         op(q, *caches, bad, lens_t, 0.25)
     with pytest.raises(RuntimeError, match="sequence 0's length exceeds its block table"):
         op(q, *caches, table, torch.tensor([table.shape[1] * 4 + 1]), 0.25)
