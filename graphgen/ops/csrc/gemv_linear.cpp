@@ -570,8 +570,9 @@ AOTITorchError linears(AtenTensorHandle x, const AtenTensorHandle* weights, int 
   for (int i = 0; i < count && !err; ++i) {
     sizes[xdim - 1] = ws[i][0];
     contiguous_strides(xdim, sizes, strides);
-    if (!(err = aoti_torch_empty_strided(xdim, sizes, strides, xdtype, aoti_torch_device_type_cpu(), 0, &outs[i])))
-      err = (err = aoti_torch_get_data_ptr(weights[i], &wp[i])) ? err : aoti_torch_get_data_ptr(outs[i], &yp[i]);
+    err = aoti_torch_empty_strided(xdim, sizes, strides, xdtype, aoti_torch_device_type_cpu(), 0, &outs[i]);
+    if (!err) err = aoti_torch_get_data_ptr(weights[i], &wp[i]);
+    if (!err) err = aoti_torch_get_data_ptr(outs[i], &yp[i]);
   }
   if (err || (err = aoti_torch_get_data_ptr(x, &xp))) return release(err);
   if (!fast || !dense) return release(bf16_mm(x, xdim, xs, xst, weights[0], ws[0], wst[0], outs[0], rows));

@@ -214,7 +214,7 @@ struct Shapes {
   const int64_t *qst, *kst, *vst;
 };
 
-// One task's buffers, reused across its tasks.
+// A thread's buffers, reused across its tasks.
 template <typename T>
 struct Work {
   std::vector<float> qf, acc, total, scores, rows_f;
@@ -227,7 +227,7 @@ struct Work {
 // out. False, with the entry in bad_block, where the sequence's block table points outside the pool.
 template <typename T>
 bool attend_head(const T* q, const T* kc, const T* vc, const int64_t* blocks, int64_t len, T* out, const Shapes& s,
-                    float scale, int64_t b, int64_t h, Work<T>& w, int64_t& bad_block) {
+                 float scale, int64_t b, int64_t h, Work<T>& w, int64_t& bad_block) {
   const int64_t G = s.N / s.Nkv, D = s.D;
   T* o = out + (b * s.N + h * G) * D;
   for (int64_t g = 0; g < G; ++g) {
