@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from graphgen.runtime.params import RequestOutput, SamplingParams
-from graphgen.runtime.sampler import Sampler, nucleus_probs, stop_string_hit
+from graphgen.runtime.sampler import ARGMAX_CHUNK, Sampler, first_argmax, nucleus_probs, stop_string_hit
 from graphgen.runtime.sequence import Sequence
 
 V = 64
@@ -18,6 +18,29 @@ def test_greedy_is_argmax_with_lowest_id_on_ties():
     tokens = Sampler()(logits, seqs_with(*[SamplingParams()] * 5))
     assert tokens.dtype == torch.int64 and tokens.tolist() == logits.argmax(-1).tolist()
     assert tokens[2].item() == 7
+
+
+@pytest.mark.parametrize("vocab", [2 * ARGMAX_CHUNK - 1, 2 * ARGMAX_CHUNK, 32000, 32001, 50257])
+def test_first_argmax_is_argmax(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    rows = [torch.randn(vocab, generator=g) for _ in range(3)]
+    rows.append(torch.randint(0, 3, (vocab,), generator=g).float())  # ties everywhere
+    rows.append(torch.zeros(vocab))
+    rows.append(torch.full((vocab,), float("-inf")))
+    for i in (0, 1, vocab // 3, vocab - 1):  # the maximum at chunk edges and in the last, short chunk
+        r = torch.randn(vocab, generator=g)
+        r[i] = r[-1 - i // 2] = 10.0  # tied with one later (or the same) element
+        rows.append(r)
+    r = torch.randn(vocab, generator=g)
+    r[vocab // 2] = r[vocab // 5] = float("nan")  # argmax takes the first NaN
+    rows.append(r)
+    r = torch.randn(vocab, generator=g)
+    r[vocab - 2] = r[7] = float("inf")
+    rows.append(r)
+    x = torch.stack(rows)
+    assert torch.equal(first_argmax(x), x.argmax(dim=-1))
+    for i in range(len(rows)):  # and one row at a time
+        assert torch.equal(first_argmax(x[i:i + 1]), x[i:i + 1].argmax(dim=-1))
 
 
 def test_padding_rows_are_ignored():

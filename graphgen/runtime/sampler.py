@@ -26,7 +26,7 @@ class Sampler:
             raise ValueError(f"logits must be (B >= {len(seqs)}, vocab), got {tuple(logits.shape)}")
         logits = logits[:len(seqs)].float()
         params = [s.sampling_params for s in seqs]
-        tokens = logits.argmax(dim=-1)
+        tokens = first_argmax(logits)
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if rows:
             sampled = self._sample(logits[rows], [params[i] for i in rows], [seqs[i].generator for i in rows])
@@ -48,7 +48,31 @@ class Sampler:
             if g is not None:
                 noise[i] = torch.empty(probs.shape[1]).exponential_(generator=g).to(device)
         # q == 0 would turn a zero-probability token into 0/0; the floor keeps p/q finite.
-        return probs.div_(noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+        return first_argmax(probs.div_(noise.clamp_(min=torch.finfo(noise.dtype).tiny)))
+
+
+ARGMAX_CHUNK = 128
+
+
+def first_argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(dim=-1) of a (B, V) tensor, the same indices (lowest on ties, the first NaN where a
+    row has one), faster: ATen's CPU argmax scans a row one element at a time (~0.25 ms for 16 x
+    32000 here, a ms at 64 rows), while amax is vectorized. The row's maximum is found per chunk of
+    ARGMAX_CHUNK (amax), argmax picks the first chunk holding it, and argmax within that chunk's
+    window gives the index."""
+    B, V = x.shape
+    c = ARGMAX_CHUNK
+    if V < 2 * c:
+        return x.argmax(dim=-1)
+    n = V // c
+    peaks = x[:, :n * c].reshape(B, n, c).amax(dim=-1)
+    if n * c < V:
+        peaks = torch.cat([peaks, x[:, n * c:].amax(dim=-1, keepdim=True)], dim=1)
+    # A window of c from the chunk's start, moved back to end at V for the last, shorter chunk: any
+    # element before that chunk equal to the maximum would have made an earlier chunk the first.
+    start = (peaks.argmax(dim=-1) * c).clamp_(max=V - c)
+    window = x.gather(1, start[:, None] + torch.arange(c, device=x.device))
+    return start + window.argmax(dim=-1)
 
 
 def nucleus_probs(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
