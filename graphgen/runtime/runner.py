@@ -91,7 +91,7 @@ class ModelRunner:
             if start + n == len(seq):
                 last.append(len(ids) - 1)
         t = lambda xs: torch.tensor(xs, dtype=I64, device=self.device)  # noqa: E731
-        table = torch.stack([self._table_row(seq) for seq, _, _ in chunks])
+        table = self._table_rows([seq for seq, _, _ in chunks])
         # The graph returns at least one row: with no chunk sampling, that of the last token, unused.
         logits = self.graphs["mixed"](t(ids)[None], t(pos)[None], t(last or [len(ids) - 1]), t(ends), table,
                                       t(kv_lens), t(slots), *self.pools)
@@ -128,15 +128,19 @@ class ModelRunner:
     def _extend(self, seq: Sequence) -> torch.Tensor:
         start, n = seq.num_cached_tokens, len(seq)
         t = lambda xs: torch.tensor(xs, dtype=I64, device=self.device)  # noqa: E731
-        table = self._table_row(seq)[None]
+        table = self._table_rows([seq])
         out = self.graphs["extend"](t(seq.token_ids[start:])[None], t(range(start, n))[None], t([n - start - 1]),
                                     table, t([n]), t(self.bm.slots(seq, start, n)), *self.pools)
         return out[0]
 
-    def _table_row(self, seq: Sequence) -> torch.Tensor:
-        row = self.scratch_row.clone()
-        row[:len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
-        return row.to(self.device)
+    def _table_rows(self, seqs: list[Sequence]) -> torch.Tensor:
+        """The sequences' block tables (len(seqs), max_blocks_per_seq) int32, padded with the scratch
+        block: one tensor built from lists (a clone and a copy per row cost ~4x as much)."""
+        m, pad = self.spec.max_blocks_per_seq, self.bm.scratch_block
+        if any(len(s.block_table) > m for s in seqs):
+            raise ValueError(f"a block table is longer than max_blocks_per_seq ({m})")
+        return torch.tensor([s.block_table + [pad] * (m - len(s.block_table)) for s in seqs],
+                            dtype=torch.int32).to(self.device)
 
     # --- decode ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -165,8 +169,7 @@ class ModelRunner:
             self.positions[:n] = t([len(s) - 1 for s in seqs])
             self.seq_lens[:n] = t([len(s) for s in seqs])
             self.slot_mapping[:n] = t([self.bm.slot(s, len(s) - 1) for s in seqs])
-            for i, s in enumerate(seqs):
-                self.block_table[i] = self._table_row(s)
+            self.block_table[:n] = self._table_rows(seqs)
         self._rows = [s.seq_id for s in seqs]
         self._table_lens = [len(s.block_table) for s in seqs]
 
@@ -175,7 +178,7 @@ class ModelRunner:
         entry and its slot (the advance step read the table before the block existed)."""
         for i, seq in enumerate(seqs):
             if len(seq.block_table) != self._table_lens[i]:
-                self.block_table[i] = self._table_row(seq)
+                self.block_table[i] = self._table_rows([seq])[0]
                 self.slot_mapping[i] = self.bm.slot(seq, len(seq) - 1)
                 self._table_lens[i] = len(seq.block_table)
 
