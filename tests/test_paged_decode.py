@@ -147,3 +147,54 @@ def test_caches_strided_along_head_dim(dtype):
     out = op(q, *strided, table, lens_t, 24 ** -0.5)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(out.double(), expected, **tol)
+
+
+def _rows_case(seq_lens, rows, n, nkv, d, bs, dtype, seed=0):
+    """Sequences of `seq_lens` paged as in _case (BSH pool); `rows`: a (sequence, length) per
+    query row, the form a mixed step's prompt chunk takes (ops/paged_decode.py, token_rows):
+    consecutive rows of one sequence, lengths growing by one."""
+    gen = torch.Generator().manual_seed(seed)
+    s = max(seq_lens)
+    k = torch.randn(len(seq_lens), nkv, s, d, generator=gen).to(dtype)
+    v = torch.randn(len(seq_lens), nkv, s, d, generator=gen).to(dtype)
+    key, table = page_kv(k, bs, False, torch.Generator().manual_seed(seed + 1))
+    value, _ = page_kv(v, bs, False, torch.Generator().manual_seed(seed + 1))
+    caches = [c.view(c.shape[0], bs, nkv, d) for c in (key, value)]
+    seq = torch.tensor([r[0] for r in rows])
+    lens = torch.tensor([r[1] for r in rows], dtype=torch.int64)
+    q = torch.randn(len(rows), n, d, generator=gen).to(dtype)
+    visible = torch.arange(s).view(1, 1, 1, s) < lens.view(-1, 1, 1, 1)
+    expected, _ = naive_attention(q[:, :, None], k[seq], v[seq], scale=d ** -0.5, allowed=visible)
+    return q, caches, table[seq], lens, expected[:, :, 0]
+
+
+def _chunk(seq, start, n):
+    return [(seq, start + i + 1) for i in range(n)]
+
+
+RUN_CASES = [  # seq_lens, rows, n, nkv, d, block_size
+    # a mixed step: decode rows, a 48-token chunk crossing blocks, a 5-token chunk, 3 tokens (too
+    # few for a run: rows), and a chunk starting at position 0
+    ([90, 30, 120, 60, 16, 40], [(0, 90), (1, 30), *_chunk(2, 72, 48), (3, 60), *_chunk(4, 11, 5),
+                                 *_chunk(5, 20, 3), *_chunk(5, 0, 7)], 12, 4, 64, 16),
+    ([200, 33], [*_chunk(0, 150, 50), *_chunk(1, 20, 13)], 8, 2, 128, 128),  # 4 heads a KV head, big blocks
+    ([70, 9], [*_chunk(0, 0, 70), *_chunk(1, 0, 9)], 4, 4, 48, 16),  # MHA, D = 48, whole prompts
+    ([40], [*_chunk(0, 30, 10)], 6, 1, 32, 8),  # MQA
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", RUN_CASES, ids=lambda c: f"rows{len(c[1])}n{c[2]}kv{c[3]}d{c[4]}bs{c[5]}")
+def test_prompt_chunk_rows_match_naive_reference(case, dtype):
+    """A prompt chunk's tokens (consecutive rows, one block table, lengths growing by one) run as
+    panels of query rows against each key and value row; the result is still each row's own
+    attention over its own length, beside ordinary rows in the same call."""
+    seq_lens, rows, n, nkv, d, bs = case
+    q, caches, table, lens, expected = _rows_case(seq_lens, rows, n, nkv, d, bs, dtype, seed=len(rows))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    out = op(q, *caches, table, lens, d ** -0.5)
+    torch.testing.assert_close(out.double(), expected, **tol)
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(1))  # no runs: rows
+    shuffled = op(q[perm], *caches, table[perm], lens[perm], d ** -0.5)
+    torch.testing.assert_close(shuffled.double(), expected[perm], **tol)

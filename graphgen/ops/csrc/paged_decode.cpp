@@ -8,6 +8,7 @@
 // the pool, scores its group of query heads against each key row once, and tasks spread over
 // the threads. Scores, softmax and the weighted sum are fp32 for fp32 and bf16 alike.
 #include <algorithm>
+#include <array>
 #include <vector>
 
 #include "kernels.h"
@@ -285,6 +286,188 @@ bool attend_head(const T* q, const T* kc, const T* vc, const int64_t* blocks, in
   return true;
 }
 
+// --- Runs: the tokens of one prompt chunk ------------------------------------------------------
+// A mixed step's prompt chunk arrives as one row per token (ops/paged_decode.py, token_rows):
+// consecutive rows with the same block table whose lengths grow by one (bottom-right causal). Run
+// as rows, every token scores and weighs the same key and value rows again on its own, at ~60
+// cycles a position, KV head and token (~2.5x its FMAs). Here a run's query rows for one KV head
+// (each token's G heads) go in panels of kPanel lanes, and each key and value row is read once
+// per panel: scores and the weighted sum are outer products (6 positions or 6 lanes against 16
+// columns, 12 accumulators), the softmax runs across the lanes with each lane's own length.
+constexpr int64_t kPanel = 16;
+constexpr int64_t kMinRun = 4;  // tokens: shorter runs stay rows
+
+struct Run {
+  int64_t b0, n;  // rows b0 .. b0 + n - 1
+};
+
+// The runs of at least kMinRun rows; in_run marks their rows. A row whose length or blocks are
+// out of range is never in a run (the row tasks report it).
+inline std::vector<Run> find_runs(const int64_t* table, const int64_t* lens, const Shapes& s,
+                                  std::vector<char>& in_run) {
+  std::vector<Run> runs;
+  in_run.assign(s.B, 0);
+  const auto blocks = [&](int64_t b) { return (lens[b] + s.bs - 1) / s.bs; };
+  const auto valid = [&](int64_t b) {
+    if (lens[b] <= 0 || lens[b] > s.M * s.bs) return false;
+    const int64_t* row = table + b * s.M;
+    return std::all_of(row, row + blocks(b), [&](int64_t blk) { return blk >= 0 && blk < s.NB; });
+  };
+  for (int64_t b = 0; b < s.B;) {
+    int64_t e = b + 1;
+    if (valid(b))
+      while (e < s.B && lens[e] == lens[e - 1] + 1 && valid(e) &&
+             std::equal(table + e * s.M, table + e * s.M + blocks(e), table + b * s.M))
+        ++e;
+    if (e - b >= kMinRun) {
+      runs.push_back({b, e - b});
+      std::fill(in_run.begin() + b, in_run.begin() + e, 1);
+    }
+    b = e;
+  }
+  return runs;
+}
+
+// st[i][j] = sum_d k[i][d] * qt[d][j] for R <= 6 key rows and the panel's 16 lanes.
+template <int R, typename T>
+inline void score_panel(const float* qt, const T* const* k, int64_t D, float* st) {
+  __m256 a[R][2];
+  for (int i = 0; i < R; ++i) a[i][0] = a[i][1] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const __m256 x0 = _mm256_loadu_ps(qt + d * kPanel), x1 = _mm256_loadu_ps(qt + d * kPanel + 8);
+    for (int i = 0; i < R; ++i) {
+      const __m256 kv = _mm256_set1_ps(to_float(k[i][d]));
+      a[i][0] = _mm256_fmadd_ps(kv, x0, a[i][0]);
+      a[i][1] = _mm256_fmadd_ps(kv, x1, a[i][1]);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    _mm256_storeu_ps(st + i * kPanel, a[i][0]);
+    _mm256_storeu_ps(st + i * kPanel + 8, a[i][1]);
+  }
+}
+
+// acc[i][0..16) = sum_t p[t][j0 + i] * v[t][d0 .. d0 + 16) for R <= 6 lanes.
+template <int R, typename T>
+inline void weigh_panel(const float* p, const T* const* v, int64_t len, int64_t j0, int64_t d0, float* acc) {
+  __m256 a[R][2];
+  for (int i = 0; i < R; ++i) a[i][0] = a[i][1] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < len; ++t) {
+    const __m256 v0 = load8(v[t] + d0), v1 = load8(v[t] + d0 + 8);
+    for (int i = 0; i < R; ++i) {
+      const __m256 w = _mm256_set1_ps(p[t * kPanel + j0 + i]);
+      a[i][0] = _mm256_fmadd_ps(w, v0, a[i][0]);
+      a[i][1] = _mm256_fmadd_ps(w, v1, a[i][1]);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    _mm256_storeu_ps(acc + i * kPanel, a[i][0]);
+    _mm256_storeu_ps(acc + i * kPanel + 8, a[i][1]);
+  }
+}
+
+template <int R, typename T>
+void score_rows(const float* qt, const T* const* k, int64_t len, int64_t D, float* st) {
+  for (int64_t t = 0; t < len; t += R) {
+    const int64_t n = std::min<int64_t>(R, len - t);
+    for (int64_t i = t + 2 * R; i < std::min(t + 3 * R, len); ++i) prefetch_row(k[i], D * sizeof(T));
+    switch (n) {
+      case 6: score_panel<6>(qt, k + t, D, st + t * kPanel); break;
+      case 5: score_panel<5>(qt, k + t, D, st + t * kPanel); break;
+      case 4: score_panel<4>(qt, k + t, D, st + t * kPanel); break;
+      case 3: score_panel<3>(qt, k + t, D, st + t * kPanel); break;
+      case 2: score_panel<2>(qt, k + t, D, st + t * kPanel); break;
+      default: score_panel<1>(qt, k + t, D, st + t * kPanel); break;
+    }
+  }
+}
+
+// A run's thread buffers: the panel's queries (D x kPanel), scores then weights (len x kPanel), row
+// pointers, one lane group's sums.
+template <typename T>
+struct PanelWork {
+  std::vector<float> qt, st;
+  std::vector<const T*> krows, vrows;
+  alignas(32) float acc[6 * kPanel];
+};
+
+// Query rows [r0, r0 + kPanel) of run `run` for KV head h (row r: token r / G, head h * G + r % G;
+// lanes past the run's rows repeat its last and are not written).
+template <typename T>
+void attend_panel(const T* q, const T* kc, const T* vc, const int64_t* table, const int64_t* lens, T* out,
+                  const Shapes& s, float scale, const Run& run, int64_t h, int64_t r0, PanelWork<T>& w) {
+  const int64_t G = s.N / s.Nkv, D = s.D, rows = run.n * G, lanes = std::min(kPanel, rows - r0);
+  alignas(32) int32_t len32[kPanel];
+  int64_t len = 0;
+  w.qt.resize(D * kPanel);
+  for (int64_t j = 0; j < kPanel; ++j) {
+    const int64_t r = std::min(r0 + j, rows - 1), b = run.b0 + r / G, head = h * G + r % G;
+    len32[j] = static_cast<int32_t>(lens[b]);
+    len = std::max(len, lens[b]);
+    const T* qr = q + b * s.qst[0] + head * s.qst[1];
+    for (int64_t d = 0; d < D; ++d) w.qt[d * kPanel + j] = to_float(qr[d * s.qst[2]]) * scale;
+  }
+  const int64_t* blocks = table + run.b0 * s.M;
+  w.krows.resize(len);
+  w.vrows.resize(len);
+  for (int64_t t0 = 0; t0 < len; t0 += s.bs) {
+    const int64_t blk = blocks[t0 / s.bs];
+    const T* k0 = kc + blk * s.kst[0] + h * s.kst[2];
+    const T* v0 = vc + blk * s.vst[0] + h * s.vst[2];
+    for (int64_t i = 0, n = std::min(s.bs, len - t0); i < n; ++i) {
+      w.krows[t0 + i] = k0 + i * s.kst[1];
+      w.vrows[t0 + i] = v0 + i * s.vst[1];
+    }
+  }
+  w.st.resize(len * kPanel);
+  float* st = w.st.data();
+  score_rows<6>(w.qt.data(), w.krows.data(), len, D, st);
+  // Softmax per lane over its own positions (t < its length): the maximum, then exp and sum, with
+  // positions past a lane's length set to 0 for the weighted sum.
+  const __m256 minus_inf = _mm256_set1_ps(-INFINITY);
+  const __m256i len_lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(len32));
+  const __m256i len_hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(len32 + 8));
+  __m256 top[2] = {minus_inf, minus_inf};
+  for (int64_t t = 0; t < len; ++t) {
+    const __m256i tv = _mm256_set1_epi32(static_cast<int32_t>(t));
+    for (int v = 0; v < 2; ++v) {
+      const __m256 seen = _mm256_castsi256_ps(_mm256_cmpgt_epi32(v ? len_hi : len_lo, tv));
+      top[v] = _mm256_max_ps(top[v], _mm256_blendv_ps(minus_inf, _mm256_loadu_ps(st + t * kPanel + 8 * v), seen));
+    }
+  }
+  alignas(32) float total[kPanel];
+  __m256 sum[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t t = 0; t < len; ++t) {
+    const __m256i tv = _mm256_set1_epi32(static_cast<int32_t>(t));
+    for (int v = 0; v < 2; ++v) {
+      const __m256 seen = _mm256_castsi256_ps(_mm256_cmpgt_epi32(v ? len_hi : len_lo, tv));
+      float* p = st + t * kPanel + 8 * v;
+      const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(p), top[v])), seen);
+      _mm256_storeu_ps(p, e);
+      sum[v] = _mm256_add_ps(sum[v], e);
+    }
+  }
+  _mm256_store_ps(total, sum[0]);
+  _mm256_store_ps(total + 8, sum[1]);
+  for (int64_t d0 = 0; d0 < D; d0 += 16)  // the lane groups of one d0 reread its slices of V from L1
+    for (int64_t j0 = 0; j0 < lanes; j0 += 6) {
+      const int64_t n = std::min<int64_t>(6, lanes - j0);
+      switch (n) {
+        case 6: weigh_panel<6>(st, w.vrows.data(), len, j0, d0, w.acc); break;
+        case 5: weigh_panel<5>(st, w.vrows.data(), len, j0, d0, w.acc); break;
+        case 4: weigh_panel<4>(st, w.vrows.data(), len, j0, d0, w.acc); break;
+        case 3: weigh_panel<3>(st, w.vrows.data(), len, j0, d0, w.acc); break;
+        case 2: weigh_panel<2>(st, w.vrows.data(), len, j0, d0, w.acc); break;
+        default: weigh_panel<1>(st, w.vrows.data(), len, j0, d0, w.acc); break;
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t r = r0 + j0 + i, b = run.b0 + r / G, head = h * G + r % G;
+        T* o = out + (b * s.N + head) * D + d0;
+        for (int64_t c = 0; c < 16; ++c) store(o + c, w.acc[i * kPanel + c] / total[j0 + i]);
+      }
+    }
+}
+
 // Tasks of one KV head of one sequence, or, with 2 or more sequences per thread and each
 // position's KV heads side by side in the pool (BSH), of all KV heads of one sequence, one after
 // the other. A head's rows are a slice of every position's row (256 of 1024 bytes for
@@ -293,21 +476,41 @@ bool attend_head(const T* q, const T* kc, const T* vc, const int64_t* blocks, in
 // the first come from L2. C harness, 16 sequences of ~200 positions, cold pool, 12 layers: ~10%
 // faster (4.7-5.5 -> 4.1-4.4 ms, alternating runs); a 48-token prompt chunk (warm, its rows all one
 // sequence's) level. Requesting whole rows into L2 ahead of the first head was no better.
+// Runs of a prompt chunk's tokens (`find_runs`; D-contiguous caches, D a multiple of 16) are panel
+// tasks (`attend_panel`) before the row tasks of the other rows.
 template <typename T>
 AOTITorchError attend(const T* q, const T* kc, const T* vc, const int64_t* table, const int64_t* lens, T* out,
                       const Shapes& s, float scale) {
   const int64_t G = s.N / s.Nkv, D = s.D;
+  std::vector<char> in_run;
+  const std::vector<Run> runs = s.kst[3] == 1 && s.vst[3] == 1 && D % 16 == 0 ? find_runs(table, lens, s, in_run)
+                                                                                : std::vector<Run>{};
+  std::vector<int64_t> rows;  // the rows outside runs
+  for (int64_t b = 0; b < s.B; ++b)
+    if (runs.empty() || !in_run[b]) rows.push_back(b);
+  std::vector<std::array<int64_t, 3>> panels;  // (run, KV head, first query row)
+  for (int64_t r = 0; r < static_cast<int64_t>(runs.size()); ++r)
+    for (int64_t h = 0; h < s.Nkv; ++h)
+      for (int64_t r0 = 0; r0 < runs[r].n * G; r0 += kPanel) panels.push_back({r, h, r0});
+  const int64_t R = rows.size(), P = panels.size();
   const bool side_by_side = s.kst[3] == 1 && s.vst[3] == 1 && s.kst[2] == D && s.vst[2] == D;
-  const int64_t heads = side_by_side && s.B >= 2 * threads() ? s.Nkv : 1;  // KV heads per task
-  const int64_t tasks = s.B * (s.Nkv / heads);
+  const int64_t heads = side_by_side && R >= 2 * threads() ? s.Nkv : 1;  // KV heads per row task
+  const int64_t tasks = P + R * (s.Nkv / heads);
   std::atomic<bool> any_bad_block{false};
   std::atomic<int64_t> bad_block{0}, bad_len{-1};
-#pragma omp parallel num_threads(std::min<int64_t>(threads(), tasks))
+#pragma omp parallel num_threads(std::max<int64_t>(1, std::min<int64_t>(threads(), tasks)))
   {
     Work<T> work(G, D);
+    PanelWork<T> panel_work;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t b = task / (s.Nkv / heads), h0 = task % (s.Nkv / heads) * heads, len = lens[b];
+      if (task < P) {
+        const auto& [r, h, r0] = panels[task];
+        attend_panel(q, kc, vc, table, lens, out, s, scale, runs[r], h, r0, panel_work);
+        continue;
+      }
+      const int64_t row = (task - P) / (s.Nkv / heads), b = rows[row], h0 = (task - P) % (s.Nkv / heads) * heads;
+      const int64_t len = lens[b];
       if (len <= 0 || len > s.M * s.bs) {
         if (len > s.M * s.bs) bad_len = b;
         T* o = out + (b * s.N + h0 * G) * D;
