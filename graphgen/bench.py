@@ -14,15 +14,20 @@ input embedding table, of which one row, plus the KV of the average context) is 
 memory-bound decode can go; batch-1 decode is reported as a fraction of it.
 
 Everything is timed with wall clocks around real calls; each number is the median of `repeats`
-runs after a warm-up run. `BenchReport.to_dict()` is the JSON (`SCHEMA`).
+runs after a warm-up run. `BenchReport.to_dict()` is the JSON (`SCHEMA`). HF runs in a process of
+its own (`HFProcess`), as a user's script would run it: graphgen's runtime tunes the allocator of
+the process it runs in (runtime/graphs.py, keep_freed_memory), and the two engines share no
+threads or memory.
 """
 from __future__ import annotations
 
 import math
+import multiprocessing
 import random
 import resource
 import statistics
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -208,6 +213,70 @@ def run_hf(model, workload: Workload, batch_size: int, pad_token_id: int, *, dec
     return run_stats(start, end, first, last, workload, decode)
 
 
+class HFProcess:
+    """HF `generate` on the artifact's checkpoint in a spawned process of its own, asked to run
+    workloads one at a time (`run`), so that HF runs as a user's script would: with glibc's
+    default allocator settings, which graphgen's runtime changes for the whole process it runs in
+    (keep_freed_memory: HF's generate faulted ~250K pages in per batch of 16 under the defaults and
+    ran ~10-15% faster without them), with its own OpenMP threads, and beside none of graphgen's
+    memory. `threads`: torch's threads there (the bench's)."""
+
+    def __init__(self, artifact: Path, device: torch.device, threads: int):
+        ctx = multiprocessing.get_context("spawn")  # not fork: the parent's OpenMP and torch state
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_hf_process_main, args=(child, str(artifact), str(device), threads),
+                                 name="graphgen-bench-hf", daemon=True)
+        self._proc.start()
+        child.close()
+        self.pad_token_id = self._receive()
+
+    def run(self, workload: Workload, batch_size: int, *, decode: bool) -> RunStats:
+        self._conn.send((workload, batch_size, decode))
+        return self._receive()
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            try:
+                self._conn.send(None)
+            except OSError:
+                pass
+            self._proc.join(timeout=30)
+            if self._proc.is_alive():
+                self._proc.terminate()
+                self._proc.join()
+        self._conn.close()
+
+    def _receive(self):
+        try:
+            ok, value = self._conn.recv()
+        except EOFError:
+            self._proc.join(timeout=5)
+            raise RuntimeError(f"the HF process exited (exit code {self._proc.exitcode})") from None
+        if not ok:
+            raise RuntimeError(f"HF generate failed in its process:\n{value}")
+        return value
+
+
+def _hf_process_main(conn, artifact: str, device: str, threads: int) -> None:
+    """HFProcess's child: load HF, say its pad token id, then run each (workload, batch_size,
+    decode) sent until None; every answer is (ok, value or the error's traceback)."""
+    from .artifact import read_manifest
+
+    torch.set_num_threads(threads)
+    try:
+        model, pad = _load_hf(read_manifest(artifact), torch.device(device))
+    except Exception:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send((False, traceback.format_exc()))
+        return
+    conn.send((True, pad))
+    while (job := conn.recv()) is not None:
+        workload, batch_size, decode = job
+        try:
+            conn.send((True, run_hf(model, workload, batch_size, pad, decode=decode)))
+        except Exception:  # noqa: BLE001
+            conn.send((False, traceback.format_exc()))
+
+
 # --- the machine's limit ---------------------------------------------------------------------------
 def read_bandwidth(nbytes: int, repeats: int = 5, device: torch.device | str = "cpu") -> float:
     """Bytes/s of a streaming read (a sum) over an fp32 buffer of about `nbytes` on `device`, best
@@ -362,7 +431,7 @@ def bench(artifact: str | Path, *, batch_sizes: list[int] = (1, 16), workloads: 
                 continue
             w = fixed_workload(b, plen, olen, vocab_size=vocab, avoid=avoid, seed=seed)
             cases.append((f"decode, batch {b}", w, lambda w=w: run_graphgen(llm, w, decode=True),
-                          lambda hf, pad, w=w: run_hf(hf, w, w.num_requests, pad, decode=True)))
+                          lambda hf, w=w: hf.run(w, w.num_requests, decode=True)))
     seqs = min(max_num_seqs, running)
     if "mixed" in workloads:
         if seqs < max_num_seqs:
@@ -376,7 +445,7 @@ def bench(artifact: str | Path, *, batch_sizes: list[int] = (1, 16), workloads: 
                                                                     step_tokens=step_tokens)
         cases.append((f"mixed, {mw.num_requests} requests, {seqs} at once", mw,
                       lambda: run_graphgen(mllm, mw, decode=False),
-                      lambda hf, pad: run_hf(hf, mw, seqs, pad, decode=False)))
+                      lambda hf: hf.run(mw, seqs, decode=False)))
     for label, _, ours, _ in cases:
         say(f"graphgen warm-up: {label}")
         ours()
@@ -386,18 +455,22 @@ def bench(artifact: str | Path, *, batch_sizes: list[int] = (1, 16), workloads: 
     bandwidth = read_bandwidth(sizes.step_weight_bytes, device=llm.device)
     report.machine["read_bandwidth_gb_s"] = bandwidth / 1e9
 
-    hf = pad = None
-    if vs_hf:
-        say("loading HF (eager, sdpa) from the artifact's checkpoint")
-        hf, pad = _load_hf(m, llm.device)
+    hf = None
     results = {}
-    for label, w, ours, theirs in cases:
+    try:
+        if vs_hf:
+            say("loading HF (eager, sdpa) from the artifact's checkpoint, in a process of its own")
+            hf = HFProcess(m.root, llm.device, torch.get_num_threads())
+        for label, w, ours, theirs in cases:
+            if hf is not None:
+                say(f"HF warm-up: {label}")
+                theirs(hf)
+            say(f"timing {label}: {max(1, repeats)} x graphgen" + (" and HF, interleaved" if hf is not None else ""))
+            runs = [(ours(), theirs(hf) if hf is not None else None) for _ in range(max(1, repeats))]
+            results[label] = (median_stats([g for g, _ in runs]), median_stats([h for _, h in runs]) if hf else None)
+    finally:
         if hf is not None:
-            say(f"HF warm-up: {label}")
-            theirs(hf, pad)
-        say(f"timing {label}: {max(1, repeats)} x graphgen" + (" and HF, interleaved" if hf is not None else ""))
-        runs = [(ours(), theirs(hf, pad) if hf is not None else None) for _ in range(max(1, repeats))]
-        results[label] = (median_stats([g for g, _ in runs]), median_stats([h for _, h in runs]) if hf else None)
+            hf.close()
     for label, w, _, _ in cases:
         ours, theirs = results[label]
         if w.name == "mixed":
@@ -509,7 +582,8 @@ def run_bench_cli(artifact: Path, *, batch_sizes: str, workload: str, vs_hf: boo
 
 
 __all__ = [
-    "SCHEMA", "BenchReport", "ModelBytes", "RunStats", "Workload", "bench", "fit_lengths", "fixed_workload",
+    "SCHEMA", "BenchReport", "HFProcess", "ModelBytes", "RunStats", "Workload", "bench", "fit_lengths",
+    "fixed_workload",
     "median_stats", "mixed_workload", "model_bytes", "print_report", "ratio", "read_bandwidth", "roofline",
     "run_bench_cli", "run_stats", "static_batches",
 ]

@@ -128,6 +128,38 @@ def test_bench_function_fixed_and_mixed_vs_hf(tiny_artifact):
 
 
 @pytest.mark.slow
+def test_hf_runs_in_a_process_of_its_own(tiny_artifact, tmp_path):
+    """HF's generate runs in a spawned process (glibc's default allocator settings, not the ones
+    graphgen's runtime sets for its own process): it does the same work as HF here, the process is
+    gone after close, and a failure there is raised here with its reason."""
+    import os
+    import shutil
+
+    import torch
+
+    from graphgen.artifact import read_manifest
+
+    w = B.fixed_workload(2, 5, 4, vocab_size=read_manifest(tiny_artifact).data["model_config"]["vocab_size"])
+    hf = B.HFProcess(tiny_artifact, torch.device("cpu"), 1)
+    try:
+        there = hf.run(w, 2, decode=True)
+        assert hf._proc.pid != os.getpid() and hf._proc.is_alive()
+    finally:
+        hf.close()
+    assert not hf._proc.is_alive()
+    model, pad = B._load_hf(read_manifest(tiny_artifact), torch.device("cpu"))
+    assert pad == hf.pad_token_id
+    here = B.run_hf(model, w, 2, pad, decode=True)
+    assert there.output_tokens == here.output_tokens == 8
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_artifact, broken)
+    shutil.rmtree(read_manifest(broken).model_dir)
+    with pytest.raises(RuntimeError, match="HF generate failed in its process"):
+        B.HFProcess(broken, torch.device("cpu"), 1)
+
+
+@pytest.mark.slow
 def test_cli_bench_json_on_the_tiny_artifact(tiny_artifact):
     result = CliRunner().invoke(app, ["bench", str(tiny_artifact), "--batch-sizes", "1", "--workload", "fixed",
                                       "--prompt-len", "8", "--output-len", "5", "--repeats", "1", "--json"])
