@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import os
 import random
 import resource
 import statistics
+import subprocess
+import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -214,19 +217,22 @@ def run_hf(model, workload: Workload, batch_size: int, pad_token_id: int, *, dec
 
 
 class HFProcess:
-    """HF `generate` on the artifact's checkpoint in a spawned process of its own, asked to run
-    workloads one at a time (`run`), so that HF runs as a user's script would: with glibc's
-    default allocator settings, which graphgen's runtime changes for the whole process it runs in
+    """HF `generate` on the artifact's checkpoint in a process of its own, asked to run workloads
+    one at a time (`run`), so that HF runs as a user's script would: with glibc's default
+    allocator settings, which graphgen's runtime changes for the whole process it runs in
     (keep_freed_memory: HF's generate faulted ~250K pages in per batch of 16 under the defaults and
     ran ~10-15% faster without them), with its own OpenMP threads, and beside none of graphgen's
-    memory. `threads`: torch's threads there (the bench's)."""
+    memory. `threads`: torch's threads there (the bench's). A fresh interpreter (`python -c`),
+    not multiprocessing's spawn, which would run the caller's main script again in the child."""
 
     def __init__(self, artifact: Path, device: torch.device, threads: int):
-        ctx = multiprocessing.get_context("spawn")  # not fork: the parent's OpenMP and torch state
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_hf_process_main, args=(child, str(artifact), str(device), threads),
-                                 name="graphgen-bench-hf", daemon=True)
-        self._proc.start()
+        self._conn, child = multiprocessing.Pipe()
+        fd = child.fileno()
+        here = str(Path(__file__).resolve().parent.parent)  # this graphgen, wherever it is imported from
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)}
+        code = "import sys; from graphgen.bench import _hf_process_main; _hf_process_main(*sys.argv[1:])"
+        self._proc = subprocess.Popen([sys.executable, "-c", code, str(fd), str(artifact), str(device), str(threads)],
+                                      pass_fds=(fd,), env=env)
         child.close()
         self.pad_token_id = self._receive()
 
@@ -234,35 +240,42 @@ class HFProcess:
         self._conn.send((workload, batch_size, decode))
         return self._receive()
 
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
     def close(self) -> None:
-        if self._proc.is_alive():
+        if self.alive():
             try:
                 self._conn.send(None)
             except OSError:
                 pass
-            self._proc.join(timeout=30)
-            if self._proc.is_alive():
-                self._proc.terminate()
-                self._proc.join()
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
         self._conn.close()
 
     def _receive(self):
         try:
             ok, value = self._conn.recv()
         except EOFError:
-            self._proc.join(timeout=5)
-            raise RuntimeError(f"the HF process exited (exit code {self._proc.exitcode})") from None
+            raise RuntimeError(f"the HF process exited (exit code {self._proc.wait()})") from None
         if not ok:
+            self.close()
             raise RuntimeError(f"HF generate failed in its process:\n{value}")
         return value
 
 
-def _hf_process_main(conn, artifact: str, device: str, threads: int) -> None:
+def _hf_process_main(fd: str, artifact: str, device: str, threads: str) -> None:
     """HFProcess's child: load HF, say its pad token id, then run each (workload, batch_size,
     decode) sent until None; every answer is (ok, value or the error's traceback)."""
+    from multiprocessing.connection import Connection
+
     from .artifact import read_manifest
 
-    torch.set_num_threads(threads)
+    conn = Connection(int(fd))
+    torch.set_num_threads(int(threads))
     try:
         model, pad = _load_hf(read_manifest(artifact), torch.device(device))
     except Exception:  # noqa: BLE001 - reported to the parent, which raises it
@@ -552,7 +565,6 @@ def run_bench_cli(artifact: Path, *, batch_sizes: str, workload: str, vs_hf: boo
                   step_tokens: int | None = None) -> None:
     """`graphgen bench`: parse the options, run, print a table (or JSON on stdout)."""
     import json
-    import sys
 
     from .artifact import ArtifactError
 

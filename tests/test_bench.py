@@ -143,10 +143,10 @@ def test_hf_runs_in_a_process_of_its_own(tiny_artifact, tmp_path):
     hf = B.HFProcess(tiny_artifact, torch.device("cpu"), 1)
     try:
         there = hf.run(w, 2, decode=True)
-        assert hf._proc.pid != os.getpid() and hf._proc.is_alive()
+        assert hf._proc.pid != os.getpid() and hf.alive()
     finally:
         hf.close()
-    assert not hf._proc.is_alive()
+    assert not hf.alive()
     model, pad = B._load_hf(read_manifest(tiny_artifact), torch.device("cpu"))
     assert pad == hf.pad_token_id
     here = B.run_hf(model, w, 2, pad, decode=True)
