@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from graphgen.runtime.params import RequestOutput, SamplingParams
-from graphgen.runtime.sampler import ARGMAX_CHUNK, Sampler, first_argmax, nucleus_probs, stop_string_hit
+from graphgen.runtime.sampler import (ARGMAX_CHUNK, ARGMAX_CHUNKED_FROM, Sampler, chunked_argmax, first_argmax,
+                                      nucleus_probs, stop_string_hit)
 from graphgen.runtime.sequence import Sequence
 
 V = 64
@@ -20,8 +21,8 @@ def test_greedy_is_argmax_with_lowest_id_on_ties():
     assert tokens[2].item() == 7
 
 
-@pytest.mark.parametrize("vocab", [2 * ARGMAX_CHUNK - 1, 2 * ARGMAX_CHUNK, 32000, 32001, 50257])
-def test_first_argmax_is_argmax(vocab):
+@pytest.mark.parametrize("vocab", [2 * ARGMAX_CHUNK, 2 * ARGMAX_CHUNK + 1, 32000, 32001, 50257])
+def test_chunked_argmax_is_argmax(vocab):
     g = torch.Generator().manual_seed(vocab)
     rows = [torch.randn(vocab, generator=g) for _ in range(3)]
     rows.append(torch.randint(0, 3, (vocab,), generator=g).float())  # ties everywhere
@@ -38,9 +39,17 @@ def test_first_argmax_is_argmax(vocab):
     r[vocab - 2] = r[7] = float("inf")
     rows.append(r)
     x = torch.stack(rows)
-    assert torch.equal(first_argmax(x), x.argmax(dim=-1))
+    assert torch.equal(chunked_argmax(x), x.argmax(dim=-1))
     for i in range(len(rows)):  # and one row at a time
-        assert torch.equal(first_argmax(x[i:i + 1]), x[i:i + 1].argmax(dim=-1))
+        assert torch.equal(chunked_argmax(x[i:i + 1]), x[i:i + 1].argmax(dim=-1))
+
+
+@pytest.mark.parametrize("shape", [(1, 300), (16, 32000), (1, 32000), (3, 2 * ARGMAX_CHUNK - 1)])
+def test_first_argmax_is_argmax_chunked_or_not(shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1]))
+    x[:, shape[1] // 2] = x[:, -1] = 9.0  # a tie: the lower id
+    assert torch.equal(first_argmax(x), x.argmax(dim=-1))
+    assert (x.numel() >= ARGMAX_CHUNKED_FROM) == (shape == (16, 32000))  # the sizes cover both paths
 
 
 def test_padding_rows_are_ignored():
