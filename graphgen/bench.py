@@ -42,6 +42,7 @@ MIXED_REQUESTS = 64
 MIXED_PROMPT_LENS = (16, 256)
 MIXED_OUTPUT_LENS = (16, 128)
 MIB = 1 << 20
+SETTLE_SECONDS = 0.5  # between timed runs with HF in its own process (bench(): `settled`)
 
 
 # --- workloads -------------------------------------------------------------------------------------
@@ -470,6 +471,15 @@ def bench(artifact: str | Path, *, batch_sizes: list[int] = (1, 16), workloads: 
 
     hf = None
     results = {}
+
+    def settled(run, *args):
+        # With HF in its own process, each engine's OpenMP threads spin for a while after its run
+        # (libgomp's default wait policy) on the cores the other engine's run then starts on: a
+        # pause lets them sleep first. It matters for runs of tens of ms (tiny models).
+        if hf is not None:
+            time.sleep(SETTLE_SECONDS)
+        return run(*args)
+
     try:
         if vs_hf:
             say("loading HF (eager, sdpa) from the artifact's checkpoint, in a process of its own")
@@ -479,7 +489,7 @@ def bench(artifact: str | Path, *, batch_sizes: list[int] = (1, 16), workloads: 
                 say(f"HF warm-up: {label}")
                 theirs(hf)
             say(f"timing {label}: {max(1, repeats)} x graphgen" + (" and HF, interleaved" if hf is not None else ""))
-            runs = [(ours(), theirs(hf) if hf is not None else None) for _ in range(max(1, repeats))]
+            runs = [(settled(ours), settled(theirs, hf) if hf is not None else None) for _ in range(max(1, repeats))]
             results[label] = (median_stats([g for g, _ in runs]), median_stats([h for _, h in runs]) if hf else None)
     finally:
         if hf is not None:
