@@ -328,42 +328,48 @@ inline std::vector<Run> find_runs(const int64_t* table, const int64_t* lens, con
   return runs;
 }
 
-// st[i][j] = sum_d k[i][d] * qt[d][j] for R <= 6 key rows and the panel's 16 lanes.
-template <int R, typename T>
-inline void score_panel(const float* qt, const T* const* k, int64_t D, float* st) {
+// out[i][0..16) = sum_s b(i, s) * x(s)[0..16) for R <= 6 rows over n steps: 12 accumulators, a
+// step's two vectors (x(s, lo, hi)) loaded once for all R rows. The scores (rows: key positions,
+// steps: d) and the weighted sum (rows: lanes, steps: positions) are both this outer product.
+template <int R, typename Scalar, typename Vectors>
+inline void outer16(int64_t n, Scalar b, Vectors x, float* out) {
   __m256 a[R][2];
   for (int i = 0; i < R; ++i) a[i][0] = a[i][1] = _mm256_setzero_ps();
-  for (int64_t d = 0; d < D; ++d) {
-    const __m256 x0 = _mm256_loadu_ps(qt + d * kPanel), x1 = _mm256_loadu_ps(qt + d * kPanel + 8);
+  for (int64_t step = 0; step < n; ++step) {
+    __m256 lo, hi;
+    x(step, lo, hi);
     for (int i = 0; i < R; ++i) {
-      const __m256 kv = _mm256_set1_ps(to_float(k[i][d]));
-      a[i][0] = _mm256_fmadd_ps(kv, x0, a[i][0]);
-      a[i][1] = _mm256_fmadd_ps(kv, x1, a[i][1]);
+      const __m256 w = _mm256_set1_ps(b(i, step));
+      a[i][0] = _mm256_fmadd_ps(w, lo, a[i][0]);
+      a[i][1] = _mm256_fmadd_ps(w, hi, a[i][1]);
     }
   }
   for (int i = 0; i < R; ++i) {
-    _mm256_storeu_ps(st + i * kPanel, a[i][0]);
-    _mm256_storeu_ps(st + i * kPanel + 8, a[i][1]);
+    _mm256_storeu_ps(out + i * kPanel, a[i][0]);
+    _mm256_storeu_ps(out + i * kPanel + 8, a[i][1]);
   }
+}
+
+// st[i][j] = sum_d k[i][d] * qt[d][j] for R <= 6 key rows and the panel's 16 lanes.
+template <int R, typename T>
+inline void score_panel(const float* qt, const T* const* k, int64_t D, float* st) {
+  outer16<R>(D, [&](int i, int64_t d) { return to_float(k[i][d]); },
+             [&](int64_t d, __m256& lo, __m256& hi) {
+               lo = _mm256_loadu_ps(qt + d * kPanel);
+               hi = _mm256_loadu_ps(qt + d * kPanel + 8);
+             },
+             st);
 }
 
 // acc[i][0..16) = sum_t p[t][j0 + i] * v[t][d0 .. d0 + 16) for R <= 6 lanes.
 template <int R, typename T>
 inline void weigh_panel(const float* p, const T* const* v, int64_t len, int64_t j0, int64_t d0, float* acc) {
-  __m256 a[R][2];
-  for (int i = 0; i < R; ++i) a[i][0] = a[i][1] = _mm256_setzero_ps();
-  for (int64_t t = 0; t < len; ++t) {
-    const __m256 v0 = load8(v[t] + d0), v1 = load8(v[t] + d0 + 8);
-    for (int i = 0; i < R; ++i) {
-      const __m256 w = _mm256_set1_ps(p[t * kPanel + j0 + i]);
-      a[i][0] = _mm256_fmadd_ps(w, v0, a[i][0]);
-      a[i][1] = _mm256_fmadd_ps(w, v1, a[i][1]);
-    }
-  }
-  for (int i = 0; i < R; ++i) {
-    _mm256_storeu_ps(acc + i * kPanel, a[i][0]);
-    _mm256_storeu_ps(acc + i * kPanel + 8, a[i][1]);
-  }
+  outer16<R>(len, [&](int i, int64_t t) { return p[t * kPanel + j0 + i]; },
+             [&](int64_t t, __m256& lo, __m256& hi) {
+               lo = load8(v[t] + d0);
+               hi = load8(v[t] + d0 + 8);
+             },
+             acc);
 }
 
 template <int R, typename T>
