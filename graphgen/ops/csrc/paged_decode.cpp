@@ -215,6 +215,30 @@ struct Shapes {
   const int64_t *qst, *kst, *vst;
 };
 
+// krows[t], vrows[t]: KV head h's key and value rows of positions t < len, block by block from
+// `blocks` (no division per position). False, with the entry in bad_block, where an entry is
+// outside the pool.
+template <typename T>
+bool row_pointers(const T* kc, const T* vc, const int64_t* blocks, int64_t len, const Shapes& s, int64_t h,
+                  std::vector<const T*>& krows, std::vector<const T*>& vrows, int64_t& bad_block) {
+  krows.resize(len);
+  vrows.resize(len);
+  for (int64_t t0 = 0; t0 < len; t0 += s.bs) {
+    const int64_t blk = blocks[t0 / s.bs];
+    if (blk < 0 || blk >= s.NB) {
+      bad_block = blk;
+      return false;
+    }
+    const T* k0 = kc + blk * s.kst[0] + h * s.kst[2];
+    const T* v0 = vc + blk * s.vst[0] + h * s.vst[2];
+    for (int64_t i = 0, n = std::min(s.bs, len - t0); i < n; ++i) {
+      krows[t0 + i] = k0 + i * s.kst[1];
+      vrows[t0 + i] = v0 + i * s.vst[1];
+    }
+  }
+  return true;
+}
+
 // A thread's buffers, reused across its tasks.
 template <typename T>
 struct Work {
@@ -237,21 +261,7 @@ bool attend_head(const T* q, const T* kc, const T* vc, const int64_t* blocks, in
   }
   w.scores.resize(G * len);
   // Row pointers per position (contiguous rows: strided ones are widened into `rows_f` first).
-  w.krows.resize(len);
-  w.vrows.resize(len);
-  for (int64_t t0 = 0; t0 < len; t0 += s.bs) {  // block by block: no division per position
-    const int64_t blk = blocks[t0 / s.bs];
-    if (blk < 0 || blk >= s.NB) {
-      bad_block = blk;
-      return false;
-    }
-    const T* k0 = kc + blk * s.kst[0] + h * s.kst[2];
-    const T* v0 = vc + blk * s.vst[0] + h * s.vst[2];
-    for (int64_t i = 0, n = std::min(s.bs, len - t0); i < n; ++i) {
-      w.krows[t0 + i] = k0 + i * s.kst[1];
-      w.vrows[t0 + i] = v0 + i * s.vst[1];
-    }
-  }
+  if (!row_pointers(kc, vc, blocks, len, s, h, w.krows, w.vrows, bad_block)) return false;
   float* scores = w.scores.data();
   const T* const* values_later = s.vst[3] == 1 ? w.vrows.data() : nullptr;  // the rows `weigh` reads
   if (s.kst[3] == 1) {
@@ -413,18 +423,8 @@ void attend_panel(const T* q, const T* kc, const T* vc, const int64_t* table, co
     const T* qr = q + b * s.qst[0] + head * s.qst[1];
     for (int64_t d = 0; d < D; ++d) w.qt[d * kPanel + j] = to_float(qr[d * s.qst[2]]) * scale;
   }
-  const int64_t* blocks = table + run.b0 * s.M;
-  w.krows.resize(len);
-  w.vrows.resize(len);
-  for (int64_t t0 = 0; t0 < len; t0 += s.bs) {
-    const int64_t blk = blocks[t0 / s.bs];
-    const T* k0 = kc + blk * s.kst[0] + h * s.kst[2];
-    const T* v0 = vc + blk * s.vst[0] + h * s.vst[2];
-    for (int64_t i = 0, n = std::min(s.bs, len - t0); i < n; ++i) {
-      w.krows[t0 + i] = k0 + i * s.kst[1];
-      w.vrows[t0 + i] = v0 + i * s.vst[1];
-    }
-  }
+  int64_t unused;  // find_runs checked the run's blocks
+  row_pointers(kc, vc, table + run.b0 * s.M, len, s, h, w.krows, w.vrows, unused);
   w.st.resize(len * kPanel);
   float* st = w.st.data();
   score_rows<6>(w.qt.data(), w.krows.data(), len, D, st);
