@@ -9,6 +9,7 @@
 // the threads. Scores, softmax and the weighted sum are fp32 for fp32 and bf16 alike.
 #include <algorithm>
 #include <array>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -305,7 +306,21 @@ bool attend_head(const T* q, const T* kc, const T* vc, const int64_t* blocks, in
 // per panel: scores and the weighted sum are outer products (6 positions or 6 lanes against 16
 // columns, 12 accumulators), the softmax runs across the lanes with each lane's own length.
 constexpr int64_t kPanel = 16;
+constexpr int64_t kTile = 6;    // rows of an outer product (key positions or lanes): 12 accumulators
 constexpr int64_t kMinRun = 4;  // tokens: shorter runs stay rows
+
+// f(std::integral_constant<int, n>{}) for 1 <= n <= kTile: a tile's row count as a template argument.
+template <typename F>
+inline void with_tile_rows(int64_t n, F f) {
+  switch (n) {
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    default: return f(std::integral_constant<int, 1>{});
+  }
+}
 
 struct Run {
   int64_t b0, n;  // rows b0 .. b0 + n - 1
@@ -338,7 +353,7 @@ inline std::vector<Run> find_runs(const int64_t* table, const int64_t* lens, con
   return runs;
 }
 
-// out[i][0..16) = sum_s b(i, s) * x(s)[0..16) for R <= 6 rows over n steps: 12 accumulators, a
+// out[i][0..16) = sum_s b(i, s) * x(s)[0..16) for R <= kTile rows over n steps: 12 accumulators, a
 // step's two vectors (x(s, lo, hi)) loaded once for all R rows. The scores (rows: key positions,
 // steps: d) and the weighted sum (rows: lanes, steps: positions) are both this outer product.
 template <int R, typename Scalar, typename Vectors>
@@ -360,7 +375,7 @@ inline void outer16(int64_t n, Scalar b, Vectors x, float* out) {
   }
 }
 
-// st[i][j] = sum_d k[i][d] * qt[d][j] for R <= 6 key rows and the panel's 16 lanes.
+// st[i][j] = sum_d k[i][d] * qt[d][j] for R <= kTile key rows and the panel's 16 lanes.
 template <int R, typename T>
 inline void score_panel(const float* qt, const T* const* k, int64_t D, float* st) {
   outer16<R>(D, [&](int i, int64_t d) { return to_float(k[i][d]); },
@@ -371,7 +386,7 @@ inline void score_panel(const float* qt, const T* const* k, int64_t D, float* st
              st);
 }
 
-// acc[i][0..16) = sum_t p[t][j0 + i] * v[t][d0 .. d0 + 16) for R <= 6 lanes.
+// acc[i][0..16) = sum_t p[t][j0 + i] * v[t][d0 .. d0 + 16) for R <= kTile lanes.
 template <int R, typename T>
 inline void weigh_panel(const float* p, const T* const* v, int64_t len, int64_t j0, int64_t d0, float* acc) {
   outer16<R>(len, [&](int i, int64_t t) { return p[t * kPanel + j0 + i]; },
@@ -382,19 +397,13 @@ inline void weigh_panel(const float* p, const T* const* v, int64_t len, int64_t 
              acc);
 }
 
-template <int R, typename T>
+// st[t][j] for all len key rows, a tile of kTile rows at a time, the rows two tiles ahead
+// requested into L1.
+template <typename T>
 void score_rows(const float* qt, const T* const* k, int64_t len, int64_t D, float* st) {
-  for (int64_t t = 0; t < len; t += R) {
-    const int64_t n = std::min<int64_t>(R, len - t);
-    for (int64_t i = t + 2 * R; i < std::min(t + 3 * R, len); ++i) prefetch_row(k[i], D * sizeof(T));
-    switch (n) {
-      case 6: score_panel<6>(qt, k + t, D, st + t * kPanel); break;
-      case 5: score_panel<5>(qt, k + t, D, st + t * kPanel); break;
-      case 4: score_panel<4>(qt, k + t, D, st + t * kPanel); break;
-      case 3: score_panel<3>(qt, k + t, D, st + t * kPanel); break;
-      case 2: score_panel<2>(qt, k + t, D, st + t * kPanel); break;
-      default: score_panel<1>(qt, k + t, D, st + t * kPanel); break;
-    }
+  for (int64_t t = 0; t < len; t += kTile) {
+    for (int64_t i = t + 2 * kTile; i < std::min(t + 3 * kTile, len); ++i) prefetch_row(k[i], D * sizeof(T));
+    with_tile_rows(std::min(kTile, len - t), [&](auto r) { score_panel<decltype(r)::value>(qt, k + t, D, st + t * kPanel); });
   }
 }
 
@@ -404,7 +413,7 @@ template <typename T>
 struct PanelWork {
   std::vector<float> qt, st;
   std::vector<const T*> krows, vrows;
-  alignas(32) float acc[6 * kPanel];
+  alignas(32) float acc[kTile * kPanel];
 };
 
 // Query rows [r0, r0 + kPanel) of run `run` for KV head h (row r: token r / G, head h * G + r % G;
@@ -427,7 +436,7 @@ void attend_panel(const T* q, const T* kc, const T* vc, const int64_t* table, co
   row_pointers(kc, vc, table + run.b0 * s.M, len, s, h, w.krows, w.vrows, unused);
   w.st.resize(len * kPanel);
   float* st = w.st.data();
-  score_rows<6>(w.qt.data(), w.krows.data(), len, D, st);
+  score_rows(w.qt.data(), w.krows.data(), len, D, st);
   // Softmax per lane over its own positions (t < its length): the maximum, then exp and sum, with
   // positions past a lane's length set to 0 for the weighted sum.
   const __m256 minus_inf = _mm256_set1_ps(-INFINITY);
@@ -456,16 +465,9 @@ void attend_panel(const T* q, const T* kc, const T* vc, const int64_t* table, co
   _mm256_store_ps(total, sum[0]);
   _mm256_store_ps(total + 8, sum[1]);
   for (int64_t d0 = 0; d0 < D; d0 += 16)  // the lane groups of one d0 reread its slices of V from L1
-    for (int64_t j0 = 0; j0 < lanes; j0 += 6) {
-      const int64_t n = std::min<int64_t>(6, lanes - j0);
-      switch (n) {
-        case 6: weigh_panel<6>(st, w.vrows.data(), len, j0, d0, w.acc); break;
-        case 5: weigh_panel<5>(st, w.vrows.data(), len, j0, d0, w.acc); break;
-        case 4: weigh_panel<4>(st, w.vrows.data(), len, j0, d0, w.acc); break;
-        case 3: weigh_panel<3>(st, w.vrows.data(), len, j0, d0, w.acc); break;
-        case 2: weigh_panel<2>(st, w.vrows.data(), len, j0, d0, w.acc); break;
-        default: weigh_panel<1>(st, w.vrows.data(), len, j0, d0, w.acc); break;
-      }
+    for (int64_t j0 = 0; j0 < lanes; j0 += kTile) {
+      const int64_t n = std::min(kTile, lanes - j0);
+      with_tile_rows(n, [&](auto r) { weigh_panel<decltype(r)::value>(st, w.vrows.data(), len, j0, d0, w.acc); });
       for (int64_t i = 0; i < n; ++i) {
         const int64_t r = r0 + j0 + i, b = run.b0 + r / G, head = h * G + r % G;
         T* o = out + (b * s.N + head) * D + d0;
