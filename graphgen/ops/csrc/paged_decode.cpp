@@ -403,7 +403,8 @@ template <typename T>
 void score_rows(const float* qt, const T* const* k, int64_t len, int64_t D, float* st) {
   for (int64_t t = 0; t < len; t += kTile) {
     for (int64_t i = t + 2 * kTile; i < std::min(t + 3 * kTile, len); ++i) prefetch_row(k[i], D * sizeof(T));
-    with_tile_rows(std::min(kTile, len - t), [&](auto r) { score_panel<decltype(r)::value>(qt, k + t, D, st + t * kPanel); });
+    with_tile_rows(std::min(kTile, len - t),
+                   [&](auto r) { score_panel<decltype(r)::value>(qt, k + t, D, st + t * kPanel); });
   }
 }
 
