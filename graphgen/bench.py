@@ -11,7 +11,11 @@ Workloads (token ids drawn with a fixed seed, output lengths forced: EOS is igno
 Roofline: the machine's read bandwidth (best of a few streaming reads of a buffer as large as the
 weights a decode step reads) over the bytes one batch-1 decode step reads (every weight but the
 input embedding table, of which one row, plus the KV of the average context) is the fastest a
-memory-bound decode can go; batch-1 decode is reported as a fraction of it.
+memory-bound decode can go; batch-1 decode is reported as a fraction of it. The bandwidth is
+sampled after the warm-ups and again before each of graphgen's timed runs, and the roofline takes
+the median of the samples: on a shared host the bandwidth can move by 2x from one minute to the
+next (~33 and ~60 GB/s on the development VM), and with a single sample taken before the timed
+runs, benches minutes apart put batch-1 decode at 63% and at 94% of the roofline.
 
 Everything is timed with wall clocks around real calls; each number is the median of `repeats`
 runs after a warm-up run. `BenchReport.to_dict()` is the JSON (`SCHEMA`). HF runs in a process of
@@ -466,8 +470,7 @@ def bench(artifact: str | Path, *, batch_sizes: list[int] = (1, 16), workloads: 
     report.artifact["peak_rss_mib"] = peak_rss_mib()  # before HF is loaded
 
     say("read bandwidth")
-    bandwidth = read_bandwidth(sizes.step_weight_bytes, device=llm.device)
-    report.machine["read_bandwidth_gb_s"] = bandwidth / 1e9
+    bandwidths = [read_bandwidth(sizes.step_weight_bytes, device=llm.device)]
 
     hf = None
     results = {}
@@ -480,6 +483,10 @@ def bench(artifact: str | Path, *, batch_sizes: list[int] = (1, 16), workloads: 
             time.sleep(SETTLE_SECONDS)
         return run(*args)
 
+    def sampled(run):  # graphgen's timed runs, each after a sample of the read bandwidth
+        bandwidths.append(read_bandwidth(sizes.step_weight_bytes, device=llm.device))
+        return settled(run)
+
     try:
         if vs_hf:
             say("loading HF (eager, sdpa) from the artifact's checkpoint, in a process of its own")
@@ -489,7 +496,7 @@ def bench(artifact: str | Path, *, batch_sizes: list[int] = (1, 16), workloads: 
                 say(f"HF warm-up: {label}")
                 theirs(hf)
             say(f"timing {label}: {max(1, repeats)} x graphgen" + (" and HF, interleaved" if hf is not None else ""))
-            runs = [(settled(ours), settled(theirs, hf) if hf is not None else None) for _ in range(max(1, repeats))]
+            runs = [(sampled(ours), settled(theirs, hf) if hf is not None else None) for _ in range(max(1, repeats))]
             results[label] = (median_stats([g for g, _ in runs]), median_stats([h for _, h in runs]) if hf else None)
     finally:
         if hf is not None:
@@ -500,6 +507,9 @@ def bench(artifact: str | Path, *, batch_sizes: list[int] = (1, 16), workloads: 
             report.mixed = {"max_num_seqs": seqs, **_pair(w, ours, theirs, "tokens_per_s")}
         else:
             report.fixed.append({"batch_size": w.num_requests, **_pair(w, ours, theirs, "decode_tok_s")})
+    bandwidth = statistics.median(bandwidths)
+    report.machine["read_bandwidth_gb_s"] = bandwidth / 1e9
+    report.machine["read_bandwidth_samples_gb_s"] = [b / 1e9 for b in bandwidths]
     one = next((r["graphgen"]["decode_tok_s"] for r in report.fixed if r["batch_size"] == 1), None)
     report.roofline = roofline(bandwidth, sizes.step_bytes(plen + olen / 2), one)
     report.roofline["context_len"] = plen + olen / 2
@@ -560,7 +570,9 @@ def print_report(report: BenchReport, console) -> None:
         console.print(t)
     r = report.roofline
     where = "" if report.machine.get("device", "cpu") == "cpu" else f" ({report.machine['device']} memory)"
-    console.print(f"read bandwidth{where} {report.machine['read_bandwidth_gb_s']:.1f} GB/s; batch-1 step reads "
+    samples = report.machine["read_bandwidth_samples_gb_s"]
+    console.print(f"read bandwidth{where} {report.machine['read_bandwidth_gb_s']:.1f} GB/s (median of {len(samples)} "
+                  f"samples, {min(samples):.1f}-{max(samples):.1f}); batch-1 step reads "
                   f"{r['bytes_per_step'] / MIB:.1f} MiB (context {r['context_len']:.0f}) -> roofline "
                   f"{r['tok_s']:.1f} tok/s; batch-1 decode at {_fmt(r['fraction'] and r['fraction'] * 100, '.0f', '%')}"
                   " of it", highlight=False)
