@@ -242,7 +242,10 @@ class HFProcess:
         self.pad_token_id = self._receive()
 
     def run(self, workload: Workload, batch_size: int, *, decode: bool) -> RunStats:
-        self._conn.send((workload, batch_size, decode))
+        try:
+            self._conn.send((workload, batch_size, decode))
+        except OSError:  # the process is gone: _receive says so
+            pass
         return self._receive()
 
     def alive(self) -> bool:
@@ -265,7 +268,10 @@ class HFProcess:
         try:
             ok, value = self._conn.recv()
         except EOFError:
-            raise RuntimeError(f"the HF process exited (exit code {self._proc.wait()})") from None
+            code = self._proc.wait()
+            self.close()
+            raise RuntimeError(f"the HF process exited (exit code {code}) before answering; its own output, above, "
+                               "says why") from None
         if not ok:
             self.close()
             raise RuntimeError(f"HF generate failed in its process:\n{value}")

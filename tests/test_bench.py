@@ -136,7 +136,8 @@ def test_bench_function_fixed_and_mixed_vs_hf(tiny_artifact):
 def test_hf_runs_in_a_process_of_its_own(tiny_artifact, tmp_path):
     """HF's generate runs in a spawned process (glibc's default allocator settings, not the ones
     graphgen's runtime sets for its own process): it does the same work as HF here, the process is
-    gone after close, and a failure there is raised here with its reason."""
+    gone after close, a failure there is raised here with its reason, and so is a process that
+    died."""
     import os
     import shutil
 
@@ -162,6 +163,13 @@ def test_hf_runs_in_a_process_of_its_own(tiny_artifact, tmp_path):
     shutil.rmtree(read_manifest(broken).model_dir)
     with pytest.raises(RuntimeError, match="HF generate failed in its process"):
         B.HFProcess(broken, torch.device("cpu"), 1)
+
+    hf = B.HFProcess(tiny_artifact, torch.device("cpu"), 1)
+    hf._proc.kill()
+    hf._proc.wait()
+    with pytest.raises(RuntimeError, match=r"the HF process exited \(exit code -9\) before answering"):
+        hf.run(w, 2, decode=True)
+    assert hf._conn.closed
 
 
 @pytest.mark.slow
