@@ -34,6 +34,7 @@ from .capture.export import capture
 from .capture.load import load_model
 from .passes.lint import LintContext, LintReport, lint
 from .passes.paged_attention import paged_attention, padded_head_dim, plain_graph_module
+from .passes.rotary import tabulate_rotary
 from .recipe import Recipe
 from .spec import CPU_PHASES, DTYPES, PHASE_INPUTS, KVSpec, cache_input_names
 
@@ -421,6 +422,8 @@ def compile_recipe(
                 say("passes", f"{phase}: paged attention rewrite")
                 gm, rec = paged_graph_module(ep, phase, spec)
                 result.attention_rewritten[phase] = rec.matched
+                if npu is None:  # cpu/cuda: Inductor would recompute cos/sin in every layer
+                    tabulate_rotary(gm, lim.max_model_len)
                 ex, dims = _example_inputs(phase, spec, recipe, device)
                 with torch.no_grad():
                     paged = torch.export.export(gm, tuple(ex), dynamic_shapes=dims, strict=False)

@@ -177,10 +177,13 @@ def test_tiny_artifact_manifest(tiny_artifact):
     for phase, graph in m.graphs.items():
         assert graph["format"] == "aoti"
         assert graph["inputs"] == PHASE_INPUTS[phase] + cache_input_names(m.kv.num_layers)
-        # weights come from the checkpoint, not from inside the graph packages
-        assert all(src == "model" for src, _ in graph["weights"].values() if not _.startswith("compressed"))
+        # weights come from the checkpoint, not from inside the graph packages; the graphs' own
+        # constants are the rotary tables (passes/rotary.py: no cos/sin left in the graphs)
+        own = {key for src, key in graph["weights"].values() if src != "model" and not key.startswith("compressed")}
+        assert own == {"graphgen_rotary_table_0", "graphgen_rotary_table_1"}
+    assert m.path(m.data["constants_file"]).is_file()
     # listed in the order a step reads them, which is how the runtime lays them out in memory
-    keys = [key for _, key in m.graphs["decode"]["weights"].values()]
+    keys = [key for src, key in m.graphs["decode"]["weights"].values() if src == "model"]
     layer = [f"model.layers.0.{name}.weight" for name in ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj",
              "self_attn.v_proj", "self_attn.o_proj", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj",
              "mlp.down_proj")]

@@ -1,6 +1,7 @@
 """graphgen.passes: small FX passes, each `GraphModule -> (GraphModule, record of what it matched)`.
 
 canonicalize (fallback: aten SDPA -> canonical graphgen.attention), paged_attention (canonical
-node -> KV-cache write + PFA/IFA/FIA), lint (graph-mode constraint report). Import the pass
+node -> KV-cache write + PFA/IFA/FIA), rotary (position-only cos/sin -> table lookups; cpu/cuda
+builds), lint (graph-mode constraint report). Import the pass
 modules directly; this package imports none of them, so each can be used and tested alone.
 """
