@@ -423,7 +423,10 @@ def compile_recipe(
                 gm, rec = paged_graph_module(ep, phase, spec)
                 result.attention_rewritten[phase] = rec.matched
                 if npu is None:  # cpu/cuda: Inductor would recompute cos/sin in every layer
-                    tabulate_rotary(gm, lim.max_model_len)
+                    rotary = tabulate_rotary(gm, lim.max_model_len)
+                    if rotary.tabulated or rotary.skipped:
+                        say("passes", f"{phase}: rotary cos/sin: {len(rotary.tabulated)} tables of "
+                                      f"{lim.max_model_len} positions" + "".join(f"; kept {s}" for s in rotary.skipped))
                 ex, dims = _example_inputs(phase, spec, recipe, device)
                 with torch.no_grad():
                     paged = torch.export.export(gm, tuple(ex), dynamic_shapes=dims, strict=False)
