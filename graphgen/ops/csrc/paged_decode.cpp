@@ -497,6 +497,10 @@ AOTITorchError attend(const T* q, const T* kc, const T* vc, const int64_t* table
   std::vector<int64_t> rows;  // the rows outside runs
   for (int64_t b = 0; b < s.B; ++b)
     if (runs.empty() || !in_run[b]) rows.push_back(b);
+  // Longest first: the threads take tasks in order, so the last ones to start are the shortest
+  // and neither waits long for the other at the end (C harness, 16 sequences of 16-383 positions,
+  // cold pool: 3.69-3.84 -> 3.53-3.67 ms a step of 12 layers, medians of 25).
+  std::stable_sort(rows.begin(), rows.end(), [&](int64_t a, int64_t b) { return lens[a] > lens[b]; });
   std::vector<std::array<int64_t, 3>> panels;  // (run, KV head, first query row)
   for (int64_t r = 0; r < static_cast<int64_t>(runs.size()); ++r)
     for (int64_t h = 0; h < s.Nkv; ++h)
