@@ -26,6 +26,8 @@ class Rope(torch.nn.Module):
             freqs = freqs / (position_ids.max() + 1).float()
         elif self.angles == "shifted by x":
             freqs = freqs + x[..., :1]
+        elif self.angles == "with noise":
+            freqs = freqs + torch.rand_like(freqs)
         emb = torch.cat((freqs, freqs), dim=-1)
         return x * emb.cos() + x.flip(-1) * emb.sin()
 
@@ -65,7 +67,8 @@ def test_position_only_cos_and_sin_become_lookups_with_the_same_values():
 
 
 @pytest.mark.parametrize("angles, why", [("scaled by the longest", "depends on the other positions"),
-                                         ("shifted by x", "inputs other than position_ids")])
+                                         ("shifted by x", "inputs other than position_ids"),
+                                         ("with noise", "draws random numbers")])
 def test_cos_and_sin_that_need_more_than_their_position_stay(angles, why):
     gm = _graph(Rope(angles))
     record = tabulate_rotary(gm, 100)
