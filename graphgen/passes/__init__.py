@@ -2,6 +2,7 @@
 
 canonicalize (fallback: aten SDPA -> canonical graphgen.attention), paged_attention (canonical
 node -> KV-cache write + PFA/IFA/FIA), rotary (position-only cos/sin -> table lookups; cpu/cuda
-builds), lint (graph-mode constraint report). Import the pass
-modules directly; this package imports none of them, so each can be used and tested alone.
+builds), lint (graph-mode constraint report); subgraph holds what canonicalize and rotary share.
+Import the pass modules directly; this package imports none of them, so each can be used and
+tested alone.
 """

@@ -20,6 +20,7 @@ import torch.fx as fx
 from torch._inductor.pattern_matcher import CallFunction, Ignored, KeywordArg, Match
 
 from .paged_attention import PassRecord
+from .subgraph import ancestors, standalone
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -188,31 +189,17 @@ def _classify_mask(gm: fx.GraphModule, mask: fx.Node, probe_len: int) -> tuple[b
 
 def _evaluate(gm: fx.GraphModule, mask: fx.Node, probe_len: int) -> torch.Tensor | str:
     """Run the mask's subgraph alone on one probe sequence; bool (.., S, S), True = visible."""
-    needed: dict[fx.Node, None] = {}
-    stack = [mask]
-    while stack:
-        n = stack.pop()
-        if n in needed:
-            continue
-        needed[n] = None
-        stack.extend(n.all_input_nodes)
-    inputs = [n for n in gm.graph.nodes if n in needed and n.op == "placeholder"]  # graph order = call order
-    for n in needed:
+    for n in ancestors(mask):
         if n.op == "placeholder":
             val = n.meta.get("val")
             if not (isinstance(val, torch.Tensor) and not val.is_floating_point() and val.dim() == 2):
                 return f"the mask reads {n.name}, which is not a (batch, seq) int input"
         elif n.op == "get_attr" or (n.op == "call_function" and n.target in (SDPA, ATTENTION)):
             return f"the mask reads {n.name} (model state or activations), not only token positions"
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for n in gm.graph.nodes:  # graph order keeps producers before consumers
-        if n in needed:
-            env[n] = graph.node_copy(n, lambda a: env[a])
-    graph.output(env[mask])
+    module, inputs = standalone(gm, mask)
     probe = torch.arange(probe_len).unsqueeze(0)
     try:
-        out = fx.GraphModule(gm, graph)(*[probe.clone() for _ in inputs])
+        out = module(*[probe.clone() for _ in inputs])
     except Exception as exc:  # noqa: BLE001  (any failure means: cannot classify, say why)
         return f"evaluating the mask on a {probe_len}-token probe failed: {type(exc).__name__}: {exc}"
     if out.dtype == torch.bool:

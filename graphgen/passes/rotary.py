@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from .subgraph import ancestors, standalone
+
 TRIG = (torch.ops.aten.cos.default, torch.ops.aten.sin.default)
 POSITIONS = "position_ids"
 TABLE_PREFIX = "graphgen_rotary_table"
@@ -73,7 +75,7 @@ def _table(gm: fx.GraphModule, node: fx.Node, positions: fx.Node,
            num_positions: int) -> tuple[torch.Tensor | None, str]:
     """node's values for positions 0 .. num_positions - 1 as a (num_positions, D) table, or None
     and why not."""
-    subgraph = _ancestors(node)
+    subgraph = ancestors(node)
     leaves = [n for n in subgraph if n.op != "call_function"]
     if positions not in subgraph:
         return None, f"does not depend on {POSITIONS}"
@@ -87,8 +89,9 @@ def _table(gm: fx.GraphModule, node: fx.Node, positions: fx.Node,
         return None, f"shape {out_shape} is not the positions' {pos_shape} plus a fixed last dimension"
     device, dtype = positions.meta["val"].device, positions.meta["val"].dtype
     ids = torch.arange(num_positions, dtype=dtype, device=device)
+    module, _ = standalone(gm, node)  # its one input: the positions (checked above)
     dims = list(dict.fromkeys([len(pos_shape) - 1, 0]))  # positions along the last dim, then the first
-    tables = [_evaluate(gm, subgraph, node, positions, _along(ids, len(pos_shape), d)) for d in dims]
+    tables = [_evaluate(module, _along(ids, len(pos_shape), d)) for d in dims]
     if any(t is None for t in tables):
         return None, "its arithmetic could not run at compile time"
     table = tables[0].reshape(num_positions, out_shape[-1])
@@ -97,7 +100,7 @@ def _table(gm: fx.GraphModule, node: fx.Node, positions: fx.Node,
     checks = [(t, torch.arange(num_positions)) for t in tables[1:]]
     for subset in (ids.flip(0), ids[: max(1, num_positions // 2)], ids[1::2]):
         if subset.numel():
-            checks.append((_evaluate(gm, subgraph, node, positions, _along(subset, len(pos_shape), dims[0])), subset))
+            checks.append((_evaluate(module, _along(subset, len(pos_shape), dims[0])), subset))
     for value, rows in checks:
         if value is None or value.numel() != rows.numel() * out_shape[-1] \
                 or not torch.equal(value.reshape(rows.numel(), -1), table[rows.to(table.device)]):
@@ -121,40 +124,14 @@ def _impure(node: fx.Node) -> bool:
     return target._schema.is_mutable or torch.Tag.nondeterministic_seeded in target.tags
 
 
-def _ancestors(node: fx.Node) -> list[fx.Node]:
-    seen, stack = {node}, [node]
-    while stack:
-        for arg in stack.pop().all_input_nodes:
-            if arg not in seen:
-                seen.add(arg)
-                stack.append(arg)
-    return [n for n in node.graph.nodes if n in seen]  # graph order
-
-
-def _evaluate(gm: fx.GraphModule, subgraph: list[fx.Node], node: fx.Node, positions: fx.Node,
-              ids: torch.Tensor) -> torch.Tensor | None:
-    env: dict[fx.Node, object] = {positions: ids}
-    load = lambda a: env[a] if isinstance(a, fx.Node) else a  # noqa: E731
+def _evaluate(module: fx.GraphModule, ids: torch.Tensor) -> torch.Tensor | None:
+    """module (the node's subgraph) on the positions ids, or None where it cannot run here."""
     try:
         with torch.no_grad():
-            for n in subgraph:
-                if n is positions:
-                    continue
-                if n.op == "get_attr":
-                    env[n] = _attr(gm, n.target)
-                else:
-                    env[n] = n.target(*fx.node.map_aggregate(n.args, load), **fx.node.map_aggregate(n.kwargs, load))
+            value = module(ids)
     except Exception:  # noqa: BLE001 - an op that needs the real graph's context: leave the node
         return None
-    value = env[node]
     return value if isinstance(value, torch.Tensor) else None
-
-
-def _attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _shape(node: fx.Node) -> list | None:
