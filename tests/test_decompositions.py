@@ -71,8 +71,9 @@ def test_bf16_cpu_linear_becomes_the_gemv_kernel_too():
 
 
 class _Siblings(torch.nn.Module):
-    """A layer's sibling linears: q, k, v read one x, gate and up another; four heads read a third
-    (grouped 2 + 2); o has a bias and down reads its own x (both stay single linears)."""
+    """A layer's sibling linears: q, k, v read one x, gate and up another (silu(gate) * up: one gated
+    call); four heads read a third (grouped 2 + 2); o has a bias and down reads its own x (both stay
+    single linears)."""
 
     def __init__(self):
         super().__init__()
@@ -98,12 +99,45 @@ def test_sibling_linears_run_as_one_call_and_compute_the_same(dtype):
     targets = _targets(decomposed)
     if cpu_kernels.available():
         assert targets.count("graphgen.gemv_linear3.default") == 1  # q, k, v
-        assert targets.count("graphgen.gemv_linear2.default") == 3  # gate, up; the heads as 2 + 2
+        assert targets.count("graphgen.gemv_gated.default") == 1  # silu(gate) * up
+        assert targets.count("graphgen.gemv_linear2.default") == 2  # the heads as 2 + 2
         assert targets.count("graphgen.gemv_linear.default") == 2  # o (its bias added after), down
+        assert "aten.silu.default" not in targets
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for b in (1, 5, 20):
         x = torch.randn(b, 32, dtype=dtype)
         torch.testing.assert_close(decomposed.module()(x), m(x), **tol)
+
+
+class _GatedVariants(torch.nn.Module):
+    """Products that are not silu(gate) * up of one grouped pair alone stay as they are: up * silu(gate)
+    (operands swapped) is fused; a gate read elsewhere too, and gelu in place of silu, are not."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.ModuleList(torch.nn.Linear(16, 24, bias=False) for _ in range(6))
+
+    def forward(self, x):
+        swapped = self.lin[1](x) * torch.nn.functional.silu(self.lin[0](x))
+        gate = self.lin[2](swapped[..., :16])
+        shared = torch.nn.functional.silu(gate) * self.lin[3](swapped[..., :16]) + gate
+        gelu = torch.nn.functional.gelu(self.lin[4](x)) * self.lin[5](x)
+        return shared, gelu
+
+
+def test_only_silu_times_up_of_one_pair_becomes_the_gated_call():
+    from graphgen.ops.decompositions import fuse_gated_mlps, group_sibling_linears
+
+    torch.manual_seed(0)
+    m = _GatedVariants()
+    x = torch.randn(5, 16)
+    gm = torch.export.export(m, (x,)).module(check_guards=False)
+    group_sibling_linears(gm)
+    assert fuse_gated_mlps(gm) == 1
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.aten.silu.default) == 1  # the shared gate's
+    for got, want in zip(gm(x), m(x)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_sibling_weights_read_after_the_first_linear_move_up_to_it():

@@ -103,6 +103,37 @@ def test_several_weights_in_one_pass_give_each_weights_own_result(rows, dtype, n
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 9, 16, 17, 64, 130, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# an MLP-like N, ragged N (a last group of fewer than 12 columns, a last band of fewer than 6), K in blocks
+@pytest.mark.parametrize("n,k", [(96, 64), (37, 771), (13, 2100), (3, 16)])
+def test_gated_is_silu_of_gate_times_up(rows, dtype, n, k):
+    """gemv_gated: the gate's and up's sums are gemv_linear's (same kernel, same order), rounded to
+    the dtype, then silu(gate) * up rounded once; the silu's exp is the kernel's own (~2 ulp)."""
+    gen = torch.Generator().manual_seed(rows * 7 + n + k)
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    gate, up = (torch.randn(n, k, generator=gen).div(k ** 0.5).to(dtype) for _ in range(2))
+    y = torch.ops.graphgen.gemv_gated(x, gate, up)
+    assert y.shape == (rows, n) and y.dtype == dtype and y.is_contiguous()
+    g, u = (torch.ops.graphgen.gemv_linear(x, w).float() for w in (gate, up))
+    want = (torch.nn.functional.silu(g) * u).to(dtype)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-3)
+    torch.testing.assert_close(y, want, **tol)
+
+
+@needs_kernel
+def test_gated_with_strided_operands_combines_the_two_linears():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 128, generator=gen)[:, ::2]  # strided x: each linear on its own path, then the product
+    gate, up = torch.randn(30, 64, generator=gen), torch.randn(64, 30, generator=gen).T
+    y = torch.ops.graphgen.gemv_gated(x, gate, up)
+    want = torch.nn.functional.silu(x @ gate.T) * (x @ up.T)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"gate and up of one shape expected, got \(30, 64\) and \(31, 64\)"):
+        torch.ops.graphgen.gemv_gated(x, gate, torch.randn(31, 64))
+
+
+@needs_kernel
 def test_several_weights_with_a_strided_one_run_each_on_its_own_path():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(5, 64, generator=gen)
@@ -131,7 +162,8 @@ def test_fake_kernel_gives_the_output_shape():
         y = torch.ops.graphgen.gemv_linear(torch.empty(5, 1, 32), torch.empty(7, 32))
         ys = torch.ops.graphgen.gemv_linear3(torch.empty(5, 1, 32), torch.empty(7, 32), torch.empty(3, 32),
                                              torch.empty(9, 32))
-    assert y.shape == (5, 1, 7)
+        h = torch.ops.graphgen.gemv_gated(torch.empty(5, 1, 32), torch.empty(7, 32), torch.empty(7, 32))
+    assert y.shape == (5, 1, 7) and h.shape == (5, 1, 7)
     assert [t.shape for t in ys] == [(5, 1, 7), (5, 1, 3), (5, 1, 9)]
 
 
@@ -190,8 +222,8 @@ def test_compiled_tiny_graphs_call_the_shim(tiny_artifact):
     with zipfile.ZipFile(tiny_artifact / "graphs" / "decode.pt2") as z:
         wrapper = next(z.read(n).decode() for n in z.namelist() if n.endswith("wrapper.cpp"))
     assert f"{SHIM}(" in wrapper
-    # each layer's q, k, v and gate, up projections: one call each
+    # each layer's q, k, v projections and its gated MLP's silu(gate) * up: one call each
     layers = read_manifest(tiny_artifact).kv.num_layers
     assert wrapper.count(f"{cpu_kernels.SHIMS['gemv_linear3'][0]}(buf") == layers
-    assert wrapper.count(f"{cpu_kernels.SHIMS['gemv_linear2'][0]}(buf") == layers
+    assert wrapper.count(f"{cpu_kernels.SHIMS['gemv_gated'][0]}(buf") == layers
     assert "proxy_executor_call_function" not in wrapper

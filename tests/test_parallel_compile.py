@@ -132,13 +132,25 @@ def test_compile_recipe_stops_on_a_failed_phase(tmp_path, monkeypatch):
     assert not out.exists()
 
 
+class _Elementwise(torch.nn.Module):
+    def forward(self, x):
+        return torch.sin(x) * x + 1.0
+
+
 @pytest.mark.slow
+@fork_only
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread: no parallel regions to check")
-def test_tiny_artifact_kernels_are_threaded_like_a_serial_compile(tiny_artifact):
+def test_worker_kernels_are_threaded_like_a_serial_compile(tmp_path):
     """A worker runs single-threaded; its kernels must still be OpenMP-parallel for the parent's
-    thread count (Inductor writes no parallel region at all for one thread). The prefill graph's
-    kernels run over all packed tokens; the tiny decode graph's own kernels are too small to be
-    parallel (its attention and linears are graphgen's CPU kernels)."""
-    with zipfile.ZipFile(tiny_artifact / "graphs" / "prefill.pt2") as package:
+    thread count (Inductor writes no parallel region at all for one thread). A graph of one
+    elementwise kernel over 128K elements, through a worker and the Inductor backend's save (the
+    tiny artifact's own kernels are too small to be parallel: its linears, gated MLPs and attention
+    are graphgen's CPU kernels)."""
+    ep = torch.export.export(_Elementwise(), (torch.randn(512, 256),))
+    path = tmp_path / "prefill.pt2"
+    with CompileWorkers(1, lambda *_: None) as workers:
+        workers.submit("prefill", inductor.save, ep, path)
+        workers.results()
+    with zipfile.ZipFile(path) as package:
         kernels = [package.read(n).decode() for n in package.namelist() if n.endswith("kernel.cpp")]
     assert kernels and any("#pragma omp parallel" in code for code in kernels)

@@ -45,6 +45,9 @@ SHIMS: dict[str, tuple[str, str]] = {
                      "AOTITorchError aoti_torch_cpu_gemv_linear3(AtenTensorHandle x, AtenTensorHandle w0, "
                      "AtenTensorHandle w1, AtenTensorHandle w2, AtenTensorHandle* ret0, AtenTensorHandle* ret1, "
                      "AtenTensorHandle* ret2)"),
+    "gemv_gated": ("aoti_torch_cpu_gemv_gated",
+                   "AOTITorchError aoti_torch_cpu_gemv_gated(AtenTensorHandle x, AtenTensorHandle gate, "
+                   "AtenTensorHandle up, AtenTensorHandle* ret0)"),
     "paged_decode_attention": ("aoti_torch_cpu_paged_decode_attention",
                                "AOTITorchError aoti_torch_cpu_paged_decode_attention(AtenTensorHandle query, "
                                "AtenTensorHandle key_cache, AtenTensorHandle value_cache, "

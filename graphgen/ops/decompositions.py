@@ -35,7 +35,9 @@ these decompositions so the whole step is compiled code:
   bf16 keeps ATen's linear (oneDNN refuses plain bf16 weights without AVX512-BF16).
   Linears without bias that read the same x (a layer's q, k and v projections; gate and up) are
   served together, 3 or 2 at a time: `graphgen::gemv_linear3` / `gemv_linear2`, one pass over all
-  their weights (`serving_linears`).
+  their weights (`serving_linears`). A gated MLP's silu(gate) * up over such a pair becomes one
+  `graphgen::gemv_gated` call (`fuse_gated_mlps`): the product is written, the up projection's output
+  and the elementwise kernel are never made.
 
 Anything else (masks, pse, quantization, padding, other modes) returns NotImplemented and stays a
 call of the reference kernel (or ATen's own decomposition). Static checks already ran in the fake
@@ -197,6 +199,7 @@ def inline_serving_forms(gm: torch.fx.GraphModule) -> int:
     (`group_sibling_linears`). The next trace of `gm` (AOTInductor's own) then traces the serving
     forms in place, which spares a whole-graph retrace of `run_decompositions` per graph."""
     count = group_sibling_linears(gm)
+    fuse_gated_mlps(gm)
     table = serving_decompositions()
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in table:
@@ -237,6 +240,40 @@ def group_sibling_linears(gm: torch.fx.GraphModule) -> int:
     return replaced
 
 
+def fuse_gated_mlps(gm: torch.fx.GraphModule) -> int:
+    """Replace silu(gate) * up, where gate and up are the two outputs of one `serving_linears` call
+    (a gated MLP's first half, after `group_sibling_linears`) and nothing else reads them, by one
+    `serving_gated` call. Returns how many it replaced."""
+    silu, mul = torch.ops.aten.silu.default, torch.ops.aten.mul.Tensor
+    fused = 0
+    for call in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is serving_linears]:
+        if len(call.args) != 3 or len(call.users) != 2:
+            continue
+        items = sorted((item for item in call.users if item.target is operator.getitem), key=lambda i: i.args[1])
+        if len(items) != 2 or any(len(item.users) != 1 for item in items):
+            continue
+        which = [i for i, item in enumerate(items) if next(iter(item.users)).target is silu]
+        if len(which) != 1:
+            continue
+        gate, up = items[which[0]], items[1 - which[0]]
+        act = next(iter(gate.users))
+        product = next(iter(act.users)) if len(act.users) == 1 else None
+        if product is None or product.target is not mul or product.kwargs or len(product.args) != 2 \
+                or set(product.args) != {act, up}:
+            continue
+        x, weights = call.args[0], call.args[1:]
+        with gm.graph.inserting_before(product):
+            fused_call = gm.graph.call_function(serving_gated, (x, weights[which[0]], weights[1 - which[0]]))
+        product.replace_all_uses_with(fused_call)
+        for node in (product, act, up, gate, call):
+            gm.graph.erase_node(node)
+        fused += 1
+    if fused:
+        gm.graph.lint()
+        gm.recompile()
+    return fused
+
+
 def _serve_together(gm: torch.fx.GraphModule, linears: list[torch.fx.Node], order: dict) -> None:
     """One `serving_linears` call in place of `linears` (siblings in graph order), just before the
     first: parameter reads after it move up (they have no inputs)."""
@@ -262,6 +299,15 @@ def serving_linears(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tens
         return ops[len(weights)](x, *weights)
     linear = _serving_form(LINEAR, _linear)
     return tuple(linear(x, w) for w in weights)
+
+
+def serving_gated(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(x @ gate.T) * (x @ up.T): one pass of `graphgen::gemv_gated` where graphgen's kernel takes
+    the linears and the weights are of one shape, else `serving_linears` and ATen's silu and mul."""
+    if _kernel_takes(x) and _cpu_linear(x, gate) and _cpu_linear(x, up) and gate.shape == up.shape:
+        return torch.ops.graphgen.gemv_gated(x, gate, up)
+    g, u = serving_linears(x, gate, up)
+    return torch.nn.functional.silu(g) * u
 
 
 def _serving_form(op, decomposition):

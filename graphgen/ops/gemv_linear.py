@@ -18,6 +18,12 @@ linear for 2 or 3 weights that read one x (a layer's gate and up projections; q,
 one pass: x packed once, one fork of the threads, work shared over all the weights' rows, and the
 prefetch running from one weight into the next (docs/performance.md). Compiled CPU graphs call them
 where sibling linears share their input (ops/decompositions.py).
+
+`graphgen::gemv_gated(x, gate, up)` is a gated MLP's first half, silu(x @ gate.T) * (x @ up.T), in
+one pass: each group of output columns runs the same rows of both weights and writes their product,
+so the up projection's output and the elementwise kernel after it are never made. gate and up are
+rounded to the dtype before the product, which is rounded once, as the two linears and Inductor's
+fused silu-mul kernel round them.
 """
 from __future__ import annotations
 
@@ -47,6 +53,19 @@ def gemv_linear3(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor,
     return _linears("gemv_linear3", x, w0, w1, w2)
 
 
+@torch.library.custom_op("graphgen::gemv_gated", mutates_args=())
+def gemv_gated(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(x @ gate.T) * (x @ up.T) -> (..., N): gate and up (N, K), one pass over both."""
+    for weight in (gate, up):
+        _check("gemv_gated", x, weight)
+    if gate.shape != up.shape:
+        raise ValueError(f"gemv_gated: gate and up of one shape expected, got {tuple(gate.shape)} and "
+                         f"{tuple(up.shape)}")
+    if not cpu_kernels.available():
+        return torch.nn.functional.silu(torch.nn.functional.linear(x, gate)) * torch.nn.functional.linear(x, up)
+    return cpu_kernels.call("gemv_gated", [x, gate, up], outputs=1)
+
+
 def _linears(op: str, x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
     for weight in weights:
         _check(op, x, weight)
@@ -73,3 +92,4 @@ def _fake(x, *weights):
 gemv_linear.register_fake(lambda x, weight: _fake(x, weight)[0])
 gemv_linear2.register_fake(_fake)
 gemv_linear3.register_fake(_fake)
+gemv_gated.register_fake(lambda x, gate, up: _fake(x, gate)[0])

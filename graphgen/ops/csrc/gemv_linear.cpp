@@ -205,11 +205,6 @@ inline void transpose8(__m256 r[8]) {
   r[6] = _mm256_permute2f128_ps(u2, u6, 0x31), r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) {  // 8 bf16 -> fp32: each into the high half of a lane
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
 
 // Columns [k0, k1) of panel p: out[p][k][j] = x[16 p + j][k] as fp32, zero past the last row.
 template <typename T>
@@ -231,10 +226,11 @@ void pack_panel(const T* x, int64_t rows, int64_t K, float* out, int64_t p, int6
     for (int64_t j = 0; j < kPanelRows; ++j) o[k * kPanelRows + j] = m0 + j < rows ? to_float(x[(m0 + j) * K + k]) : 0.f;
 }
 
-// The lines of a weight tile to prefetch while the microkernel runs, `per16` lines after every 16
-// k steps (one every few steps instead made the k loop too short to unroll: a 16-row step ran ~27%
-// slower), then nothing. With one panel (4-16 rows) each weight feeds that panel only, and lines
-// brought into L1 two groups ahead evicted the panel every group reads, so they go to L2 (T1):
+// The lines of a weight tile to prefetch while the microkernel runs (a gated group's gate tile,
+// then its up tile: `then`), `per16` lines after every 16 k steps (one every few steps instead
+// made the k loop too short to unroll: a 16-row step ran ~27% slower), then nothing. With one
+// panel (4-16 rows) each weight feeds that panel only, and lines brought into L1 two groups ahead
+// evicted the panel every group reads, so they go to L2 (T1):
 // 16 rows ~15% faster, 8 rows ~25% (Zen 4). With more panels the weights are read once per panel,
 // and L1 (T0) is 2-5% ahead at 32-64 rows.
 // The same hook requests, one line at a time, the lines of y the group will write, for writing
@@ -244,6 +240,8 @@ void pack_panel(const T* x, int64_t rows, int64_t K, float* out, int64_t p, int6
 struct Prefetch {
   const char* next = nullptr;
   int64_t lines = 0;
+  const char* then = nullptr;
+  int64_t then_lines = 0;
   int64_t per16 = 0;
   bool to_l1 = true;
   const char* y = nullptr;
@@ -279,11 +277,13 @@ inline void panel_kernel(const float* w, int64_t ldw, const float* panel, int64_
       prefetch_for_write(pf.y + pf.yline * 64);
       if (++pf.yline == pf.ylines) pf.yline = 0, pf.y += pf.ystride, --pf.yrows;
     }
-    for (int64_t j = 0; j < pf.per16 && pf.lines > 0; ++j, --pf.lines, pf.next += 64) {
+    for (int64_t j = 0; j < pf.per16 && pf.lines > 0; ++j) {
       if (pf.to_l1)
         _mm_prefetch(pf.next, _MM_HINT_T0);
       else
         _mm_prefetch(pf.next, _MM_HINT_T1);
+      pf.next += 64;
+      if (--pf.lines == 0 && pf.then_lines > 0) pf.next = pf.then, pf.lines = pf.then_lines, pf.then_lines = 0;
     }
   }
   for (int i = 0; i < R; ++i)
@@ -390,19 +390,39 @@ class Groups {
   int64_t rows_, total_ = 0;
 };
 
-// A group's sums over the rows [m0, m1) of a chunk to y (N columns), columns [n0, n1): tile[p][b][i * 16 + j] is
-// y[m0 + 16 p + j][n0 + 6 b + i]. A whole fp32 group (12 columns) is transposed in registers and written as 8 + 4
-// columns a row (a store that would cross a cache line as two of 4); others a value at a time. C harness with cold
-// y: with the prefetch above, 64 rows ~2% and 16 rows ~4% faster than a value at a time.
+// silu(g) * u = g * u / (1 + exp(-g)) for 8 lanes. The exp is exp8 (~2 ulp; Inductor's Sleef ~1).
+inline __m256 silu_mul(__m256 g, __m256 u) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)))), u);
+}
+
+// g[i] = silu(g[i]) * u[i] for i < n: gate and up already rounded to T, as two separate linears give them, and the
+// product rounded once (as Inductor's fused kernel computes silu(gate) * up).
 template <typename T>
-void write_group(const float (*tile)[kGroupBands][kBandRows * kPanelRows], T* y, int64_t N, int64_t n0, int64_t n1,
-                 int64_t m0, int64_t m1) {
+void silu_mul_rows(T* g, const T* u, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store8(g + i, silu_mul(load8(g + i), load8(u + i)));
+  for (; i < n; ++i) {
+    const float gi = to_float(g[i]);
+    store(g + i, gi / (1.0f + std::exp(-gi)) * to_float(u[i]));
+  }
+}
+
+// A group's sums over the rows [m0, m1) of a chunk to y (N columns), columns [n0, n1):
+// tile[p * stride + b * 96 + i * 16 + j] is y[m0 + 16 p + j][n0 + 6 b + i]. A whole fp32 group (12
+// columns) is transposed in registers and written as 8 + 4 columns a row (a store that would cross a
+// cache line as two of 4); others a value at a time. C harness with cold y, with the prefetch above:
+// 64 rows ~2% and 16 rows ~3% faster than a value at a time.
+template <typename T>
+void write_group(const float* tile, int64_t stride, T* y, int64_t N, int64_t n0, int64_t n1, int64_t m0,
+                 int64_t m1) {
+  constexpr int64_t kBand = kBandRows * kPanelRows;
   if constexpr (std::is_same_v<T, float>) {
     if (n1 - n0 == kGroupBands * kBandRows) {
       static_assert(kGroupBands == 2 && kBandRows == 6, "the transpose below takes two bands of 6 columns");
       for (int64_t r0 = m0; r0 < m1; r0 += 8) {  // 8 rows: the first half of a panel, then the second
-        const float* s = tile[(r0 - m0) / kPanelRows][0] + (r0 - m0) % kPanelRows;
-        const float* t = tile[(r0 - m0) / kPanelRows][1] + (r0 - m0) % kPanelRows;
+        const float* s = tile + (r0 - m0) / kPanelRows * stride + (r0 - m0) % kPanelRows;
+        const float* t = s + kBand;
         __m256 r[8], c[4];  // r: columns 0-7, c: columns 8-11, each over the 8 rows
         for (int i = 0; i < 6; ++i) r[i] = _mm256_load_ps(s + i * kPanelRows);
         r[6] = _mm256_load_ps(t), r[7] = _mm256_load_ps(t + kPanelRows);
@@ -427,9 +447,9 @@ void write_group(const float (*tile)[kGroupBands][kBandRows * kPanelRows], T* y,
     }
   }
   for (int64_t row = m0; row < m1; ++row) {
-    const float* s = tile[(row - m0) / kPanelRows][0] + (row - m0) % kPanelRows;
+    const float* s = tile + (row - m0) / kPanelRows * stride + (row - m0) % kPanelRows;
     for (int64_t n = n0; n < n1; ++n)
-      store(y + row * N + n, s[(n - n0) / kBandRows * kBandRows * kPanelRows + (n - n0) % kBandRows * kPanelRows]);
+      store(y + row * N + n, s[(n - n0) / kBandRows * kBand + (n - n0) % kBandRows * kPanelRows]);
   }
 }
 
@@ -440,14 +460,20 @@ void write_group(const float (*tile)[kGroupBands][kBandRows * kPanelRows], T* y,
 // rows of y. One call over several matrices packs x once, forks the threads once, balances the
 // shares over all their groups and prefetches from one matrix into the next: bench-125m's mixed
 // steps ran ~7% faster with q, k, v and gate, up as two calls instead of five (docs/performance.md).
+//
+// `gated` (mats: gate, then up, of one N): y = silu(x @ gate.T) * (x @ up.T) into the gate's y. A group
+// then runs the same rows of both weights and writes the product: the up projection's output, its
+// write-out and the elementwise kernel after it are gone (docs/performance.md).
 template <typename T>
-void gemm_panels(const T* x, const Linear<T>* mats, int count, int64_t rows, int64_t K) {
+void gemm_panels(const T* x, const Linear<T>* mats, int count, int64_t rows, int64_t K, bool gated = false) {
   constexpr int64_t kGroupRows = kGroupBands * kBandRows;
+  constexpr int64_t kBand = kBandRows * kPanelRows, kPanelStride = 2 * kGroupBands * kBand;
+  const int parts = gated ? 2 : 1;  // weights a group runs: gate and up, or its own matrix's
   const int64_t P = (rows + kPanelRows - 1) / kPanelRows;
   const int last_vectors = rows - (P - 1) * kPanelRows > 8 ? 2 : 1;
   thread_local std::vector<float> packed_storage;
   float* packed = align64(packed_storage, P * K * kPanelRows);
-  const Groups<T> all(mats, count, kGroupRows);
+  const Groups<T> all(mats, gated ? 1 : count, kGroupRows);
   const int64_t groups = all.total();
   const int64_t kblocks = (K + kMaxKBlock - 1) / kMaxKBlock, kstep = kblocks == 1 ? K : ((K + kblocks - 1) / kblocks + 7) / 8 * 8;
   constexpr int64_t kPackStep = 64;
@@ -462,9 +488,10 @@ void gemm_panels(const T* x, const Linear<T>* mats, int count, int64_t rows, int
       const int64_t k0 = (i % pack_parts) * kPackStep;
       pack_panel(x, rows, K, packed, i / pack_parts, k0, std::min(K, k0 + kPackStep));
     }
-    alignas(32) float scratch[kChunkPanels][kGroupBands][kBandRows * kPanelRows];
-    thread_local std::vector<float> widened_storage;  // bf16: the group's weight tile as fp32
-    float* widened = std::is_same_v<T, float> ? nullptr : align64(widened_storage, kGroupRows * kstep);
+    // per panel of a chunk: the group's bands (gated: the gate's, then the up's)
+    alignas(32) float scratch[kChunkPanels * kPanelStride];
+    thread_local std::vector<float> widened_storage;  // bf16: the group's weight tiles as fp32
+    float* widened = std::is_same_v<T, float> ? nullptr : align64(widened_storage, parts * kGroupRows * kstep);
     const int64_t me = omp_get_thread_num();
     for (int64_t c0 = 0; c0 < P; c0 += kChunkPanels) {
       const int64_t c1 = std::min(P, c0 + kChunkPanels);
@@ -472,7 +499,7 @@ void gemm_panels(const T* x, const Linear<T>* mats, int count, int64_t rows, int
       for (int64_t g; (g = shares[c0 / kChunkPanels]->take(me, stolen)) >= 0;) {
         int64_t n0;
         const Linear<T>& m = all.locate(g, n0);
-        const T* w = m.w;
+        const T* weights[2] = {m.w, gated ? mats[1].w : nullptr};
         const int64_t N = m.N, n1 = std::min(N, n0 + kGroupRows);
         const int64_t bands = (n1 - n0 + kBandRows - 1) / kBandRows;  // the last may have fewer rows
         Prefetch pf;  // the group kAheadGroups further on in this thread's direction, in any matrix
@@ -483,8 +510,9 @@ void gemm_panels(const T* x, const Linear<T>* mats, int count, int64_t rows, int
           const int64_t a1 = std::min(am.N, a0 + kGroupRows);
           pf.next = reinterpret_cast<const char*>(am.w + a0 * K);
           pf.lines = ((a1 - a0) * K * static_cast<int64_t>(sizeof(T)) + 63) / 64;
-          const int64_t steps = (c1 - c0) * bands * K;  // the group's k steps
-          pf.per16 = (pf.lines * 16 + steps - 1) / steps;
+          if (gated) pf.then = reinterpret_cast<const char*>(mats[1].w + a0 * K), pf.then_lines = pf.lines;
+          const int64_t steps = (c1 - c0) * bands * K * parts;  // the group's k steps
+          pf.per16 = ((pf.lines + pf.then_lines) * 16 + steps - 1) / steps;
           pf.to_l1 = P > 1;
         }
         const int64_t m0 = c0 * kPanelRows, m1 = std::min(rows, c1 * kPanelRows);
@@ -495,38 +523,57 @@ void gemm_panels(const T* x, const Linear<T>* mats, int count, int64_t rows, int
         pf.ylines = static_cast<int64_t>(last - first) / 64 + 1;
         for (int64_t k0 = 0; k0 < K; k0 += kstep) {
           const int64_t len = std::min(K, k0 + kstep) - k0;
-          const float* tile;
-          int64_t ldw;
-          if constexpr (std::is_same_v<T, float>) {
-            tile = w + n0 * K + k0, ldw = K;
-          } else {
-            for (int64_t n = n0; n < n1; ++n) {
-              const uint16_t* src = w + n * K + k0;
-              float* dst = widened + (n - n0) * kstep;
-              int64_t k = 0;
-              for (; k + 8 <= len; k += 8) _mm256_storeu_ps(dst + k, load8(src + k));
-              for (; k < len; ++k) dst[k] = to_float(src[k]);
+          for (int part = 0; part < parts; ++part) {
+            const float* tile;
+            int64_t ldw;
+            if constexpr (std::is_same_v<T, float>) {
+              tile = weights[part] + n0 * K + k0, ldw = K;
+            } else {
+              float* dst = widened + part * kGroupRows * kstep;
+              for (int64_t n = n0; n < n1; ++n) {
+                const uint16_t* src = weights[part] + n * K + k0;
+                int64_t k = 0;
+                for (; k + 8 <= len; k += 8) _mm256_storeu_ps(dst + (n - n0) * kstep + k, load8(src + k));
+                for (; k < len; ++k) dst[(n - n0) * kstep + k] = to_float(src[k]);
+              }
+              tile = dst, ldw = kstep;
             }
-            tile = widened, ldw = kstep;
-          }
-          for (int64_t p = c0; p < c1; ++p) {
-            const int vectors = p == P - 1 ? last_vectors : 2;
-            for (int64_t b = 0; b < bands; ++b)
-              panel_kernel(std::min<int64_t>(kBandRows, n1 - n0 - b * kBandRows), vectors, tile + b * kBandRows * ldw,
-                           ldw, packed + (p * K + k0) * kPanelRows, len, scratch[p - c0][b], k0 > 0, pf);
+            for (int64_t p = c0; p < c1; ++p) {
+              const int vectors = p == P - 1 ? last_vectors : 2;
+              float* sums = scratch + (p - c0) * kPanelStride + part * kGroupBands * kBand;
+              for (int64_t b = 0; b < bands; ++b)
+                panel_kernel(std::min<int64_t>(kBandRows, n1 - n0 - b * kBandRows), vectors, tile + b * kBandRows * ldw,
+                             ldw, packed + (p * K + k0) * kPanelRows, len, sums + b * kBand, k0 > 0, pf);
+            }
           }
         }
-        write_group<T>(scratch, m.y, N, n0, n1, m0, m1);
+        if (gated)  // silu(gate) * up over the gate's sums, both rounded to T first (as two linears give them)
+          for (int64_t p = c0; p < c1; ++p)
+            for (int64_t i = 0; i < bands * kBand; i += 8) {
+              float* gate = scratch + (p - c0) * kPanelStride + i;
+              __m256 gv = _mm256_load_ps(gate), uv = _mm256_load_ps(gate + kGroupBands * kBand);
+              if constexpr (!std::is_same_v<T, float>) gv = round_bf16(gv), uv = round_bf16(uv);
+              _mm256_store_ps(gate, silu_mul(gv, uv));
+            }
+        write_group<T>(scratch, kPanelStride, m.y, N, n0, n1, m0, m1);
       }
     }
   }
 }
 
-// y_i = x @ w_i.T for each matrix of the call: contiguous x (rows, K) and weights.
+// y_i = x @ w_i.T for each matrix of the call: contiguous x (rows, K) and weights. `gated` (gate and up; the up's
+// y unused): silu(x @ gate.T) * (x @ up.T) into the gate's y.
 template <typename T>
-void run(const void* xp, const Linear<T>* mats, int count, int64_t rows, int64_t K) {
+void run(const void* xp, const Linear<T>* mats, int count, int64_t rows, int64_t K, bool gated = false) {
   const T* x = static_cast<const T*>(xp);
-  if (rows >= kMinPanelRows) return gemm_panels(x, mats, count, rows, K);
+  if (rows >= kMinPanelRows) return gemm_panels(x, mats, count, rows, K, gated);
+  if (gated) {  // the GEMV streams both weights in one pass; the up's output goes to a buffer here
+    thread_local std::vector<T> up;
+    up.resize(rows * mats[1].N);
+    const Linear<T> both[2] = {mats[0], {mats[1].w, up.data(), mats[1].N}};
+    run<T>(xp, both, 2, rows, K);
+    return silu_mul_rows(mats[0].y, up.data(), rows * mats[0].N);
+  }
   std::vector<float> permuted;
   const float* xf;
   if constexpr (std::is_same_v<T, float>) {
@@ -584,8 +631,11 @@ AOTITorchError bf16_mm(AtenTensorHandle x, int64_t xdim, const int64_t* xs, cons
 // outs[i] = x @ weights[i].T for `count` weights of one K, each output a new (..., N_i) tensor.
 // Contiguous operands (and bf16 up to max_rows_bf16() rows) run graphgen's kernels, all weights in
 // one pass; else each weight on its own: strided fp32 through oneDNN's inner product, bf16 through
-// ATen's mm. On failure no output is left allocated.
-AOTITorchError linears(AtenTensorHandle x, const AtenTensorHandle* weights, int count, AtenTensorHandle* outs) {
+// ATen's mm. On failure no output is left allocated. `gated` (gate and up of one N): where graphgen's kernels take
+// the call, outs[0] = silu(x @ gate.T) * (x @ up.T) and outs[1] stays null; else both linears as above (`gated`
+// combines them).
+AOTITorchError linears(AtenTensorHandle x, const AtenTensorHandle* weights, int count, AtenTensorHandle* outs,
+                       bool gated = false) {
   g_last_error.clear();
   for (int i = 0; i < count; ++i) outs[i] = nullptr;
   int64_t xdim = 0, wdim = 0;
@@ -609,6 +659,10 @@ AOTITorchError linears(AtenTensorHandle x, const AtenTensorHandle* weights, int 
   for (int64_t i = 0; i + 1 < xdim; ++i) rows *= xs[i];
   const int64_t K = xs[xdim - 1];
   const bool fast = rows >= 1 && (f32 || rows <= max_rows_bf16()) && contiguous(xdim, xs, xst);
+  if (gated && (count != 2 || ws[0][0] != ws[1][0]))
+    return fail("gemv_gated: gate (N, K) and up (N, K) of one shape expected, got N = %lld and %lld",
+                static_cast<long long>(ws[0][0]), static_cast<long long>(ws[count - 1][0]));
+  const int produced = gated && fast && dense ? 1 : count;  // fused: the up's output is never made
   auto release = [&](AOTITorchError e) {
     for (int i = 0; e && i < count; ++i)
       if (outs[i]) aoti_torch_delete_tensor_object(outs[i]), outs[i] = nullptr;
@@ -626,10 +680,11 @@ AOTITorchError linears(AtenTensorHandle x, const AtenTensorHandle* weights, int 
   for (int64_t i = 0; i + 1 < xdim; ++i) sizes[i] = xs[i];
   void *xp = nullptr, *wp[kMaxLinears] = {}, *yp[kMaxLinears] = {};
   for (int i = 0; i < count && !err; ++i) {
+    err = aoti_torch_get_data_ptr(weights[i], &wp[i]);
+    if (err || i >= produced) continue;
     sizes[xdim - 1] = ws[i][0];
     contiguous_strides(xdim, sizes, strides);
     err = aoti_torch_empty_strided(xdim, sizes, strides, xdtype, aoti_torch_device_type_cpu(), 0, &outs[i]);
-    if (!err) err = aoti_torch_get_data_ptr(weights[i], &wp[i]);
     if (!err) err = aoti_torch_get_data_ptr(outs[i], &yp[i]);
   }
   if (err || (err = aoti_torch_get_data_ptr(x, &xp))) return release(err);
@@ -637,14 +692,50 @@ AOTITorchError linears(AtenTensorHandle x, const AtenTensorHandle* weights, int 
   if (f32) {
     Linear<float> mats[kMaxLinears];
     for (int i = 0; i < count; ++i) mats[i] = {static_cast<const float*>(wp[i]), static_cast<float*>(yp[i]), ws[i][0]};
-    run<float>(xp, mats, count, rows, K);
+    run<float>(xp, mats, count, rows, K, produced < count);
   } else {
     Linear<uint16_t> mats[kMaxLinears];
     for (int i = 0; i < count; ++i)
       mats[i] = {static_cast<const uint16_t*>(wp[i]), static_cast<uint16_t*>(yp[i]), ws[i][0]};
-    run<uint16_t>(xp, mats, count, rows, K);
+    run<uint16_t>(xp, mats, count, rows, K, produced < count);
   }
   return AOTI_TORCH_SUCCESS;
+}
+
+// silu(x @ gate.T) * (x @ up.T) as a new (..., N) tensor: fused in graphgen's kernels where they take the call;
+// else the two linears' outputs (`linears`) combined in place, the up's freed.
+AOTITorchError gated(AtenTensorHandle x, AtenTensorHandle gate, AtenTensorHandle up, AtenTensorHandle* out) {
+  const AtenTensorHandle weights[2] = {gate, up};
+  AtenTensorHandle outs[2];
+  AOTITorchError err = linears(x, weights, 2, outs, true);
+  if (err || !outs[1]) {
+    *out = outs[0];
+    return err;
+  }
+  int64_t dims[2], *sizes[2], *strides[2];
+  int32_t dtypes[2];
+  void *g = nullptr, *u = nullptr;
+  if (!(err = read_args(outs, 2, dims, sizes, strides, dtypes)) && !(err = aoti_torch_get_data_ptr(outs[0], &g)) &&
+      !(err = aoti_torch_get_data_ptr(outs[1], &u))) {
+    if (!contiguous(dims[0], sizes[0], strides[0]) || !contiguous(dims[1], sizes[1], strides[1]))
+      err = fail("gemv_gated: the linears' outputs are not contiguous");
+  }
+  if (!err) {
+    int64_t n = 1;
+    for (int64_t i = 0; i < dims[0]; ++i) n *= sizes[0][i];
+    constexpr int64_t kPart = 1 << 14;  // elements a thread combines at a time
+#pragma omp parallel for num_threads(threads()) if (n >= 4 * kPart)
+    for (int64_t i = 0; i < n; i += kPart) {
+      if (dtypes[0] == aoti_torch_dtype_float32())
+        silu_mul_rows(static_cast<float*>(g) + i, static_cast<const float*>(u) + i, std::min(kPart, n - i));
+      else
+        silu_mul_rows(static_cast<uint16_t*>(g) + i, static_cast<const uint16_t*>(u) + i, std::min(kPart, n - i));
+    }
+  }
+  aoti_torch_delete_tensor_object(outs[1]);
+  if (err) aoti_torch_delete_tensor_object(outs[0]), outs[0] = nullptr;
+  *out = outs[0];
+  return err;
 }
 
 }  // namespace
@@ -657,6 +748,12 @@ const char* graphgen_last_error() { return g_last_error.c_str(); }
 
 AOTITorchError aoti_torch_cpu_gemv_linear(AtenTensorHandle x, AtenTensorHandle weight, AtenTensorHandle* ret0) {
   return linears(x, &weight, 1, ret0);
+}
+
+// silu(x @ gate.T) * (x @ up.T): a gated MLP's gate and up projections and their product in one pass.
+AOTITorchError aoti_torch_cpu_gemv_gated(AtenTensorHandle x, AtenTensorHandle gate, AtenTensorHandle up,
+                                         AtenTensorHandle* ret0) {
+  return gated(x, gate, up, ret0);
 }
 
 // x @ w0.T and x @ w1.T in one pass (a layer's gate and up projections).
