@@ -9,7 +9,9 @@
 // (`gemm_panels`): x transposed into panels of 16 rows, an outer-product microkernel, weight tiles
 // prefetched ahead. docs/performance.md has the measurements. Other inputs go to ATen: strided
 // operands (oneDNN's inner product in fp32, ATen's mm in bf16), and bf16 past 16 rows on CPUs with
-// native bf16 dot products (ATen's mm), so the op is correct for every input.
+// native bf16 dot products (ATen's mm), so the op is correct for every input. The same passes serve
+// gemv_linear2/3 (2 or 3 weights that read one x) and gemv_gated (a gated MLP's silu(x @ gate.T) *
+// (x @ up.T), the product written in place of the two outputs).
 #include <torch/csrc/inductor/aoti_torch/c/shim_cpu.h>
 #include <torch/csrc/inductor/aoti_torch/generated/c_shim_cpu.h>
 
