@@ -196,7 +196,8 @@ def inline_serving_forms(gm: torch.fx.GraphModule) -> int:
     """Point every call of a serving-decomposed op in `gm` at a function that runs the
     decomposition, or the op itself where the decomposition returns NotImplemented; returns how
     many calls were redirected. Sibling linears become one call of `serving_linears` first
-    (`group_sibling_linears`). The next trace of `gm` (AOTInductor's own) then traces the serving
+    (`group_sibling_linears`), and a gated MLP's silu(gate) * up over such a pair one call of
+    `serving_gated` (`fuse_gated_mlps`). The next trace of `gm` (AOTInductor's own) then traces the serving
     forms in place, which spares a whole-graph retrace of `run_decompositions` per graph."""
     count = group_sibling_linears(gm)
     fuse_gated_mlps(gm)

@@ -726,9 +726,10 @@ AOTITorchError gated(AtenTensorHandle x, AtenTensorHandle gate, AtenTensorHandle
     int64_t n = 1;
     for (int64_t i = 0; i < dims[0]; ++i) n *= sizes[0][i];
     constexpr int64_t kPart = 1 << 14;  // elements a thread combines at a time
+    const bool f32 = dtypes[0] == aoti_torch_dtype_float32();
 #pragma omp parallel for num_threads(threads()) if (n >= 4 * kPart)
     for (int64_t i = 0; i < n; i += kPart) {
-      if (dtypes[0] == aoti_torch_dtype_float32())
+      if (f32)
         silu_mul_rows(static_cast<float*>(g) + i, static_cast<const float*>(u) + i, std::min(kPart, n - i));
       else
         silu_mul_rows(static_cast<uint16_t*>(g) + i, static_cast<const uint16_t*>(u) + i, std::min(kPart, n - i));
