@@ -35,6 +35,7 @@ from .capture.load import load_model
 from .passes.lint import LintContext, LintReport, lint
 from .passes.paged_attention import paged_attention, padded_head_dim, plain_graph_module
 from .passes.rotary import tabulate_rotary
+from .passes.sampled_rows import gather_sampled_rows_early
 from .recipe import Recipe
 from .spec import CPU_PHASES, DTYPES, PHASE_INPUTS, KVSpec, cache_input_names
 
@@ -504,14 +505,18 @@ def compile_recipe(
     return result
 
 
-def paged_graph_module(ep: torch.export.ExportedProgram, phase: str, spec: KVSpec):
+def paged_graph_module(ep: torch.export.ExportedProgram, phase: str, spec: KVSpec, *, sampled_rows_only: bool = True):
     """The canonical program as the `phase` graph (eager GraphModule, inputs per PHASE_INPUTS and
-    the pools), before re-export: what the backends compile and what pass tests run directly."""
+    the pools), before re-export: what the backends compile and what pass tests run directly.
+    sampled_rows_only=False keeps every row through the last layer (verify --layers taps each
+    layer's output for all rows)."""
     gm = plain_graph_module(ep)
     if "logits_indices" in PHASE_INPUTS[phase]:
         _add_logits_indices(gm)
     gm, record = paged_attention(gm, phase, spec)
     _select_output(gm, 1 if phase == "decode" else 0)
+    if sampled_rows_only:
+        gather_sampled_rows_early(gm)
     return gm, record
 
 

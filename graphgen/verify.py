@@ -319,7 +319,7 @@ def _layer_rows(manifest, prompts: list[list[int]], tokens: list[list[int]], dev
     hf_paths = {layer: p.removeprefix(WRAPPER_PREFIX) for layer, p in paths.items()}
     graphs = {}
     for phase in ("prefill", "decode"):
-        gm, _ = paged_graph_module(ep, phase, spec)
+        gm, _ = paged_graph_module(ep, phase, spec, sampled_rows_only=False)  # every row of every layer
         _with_layer_outputs(gm, paths)
         graphs[phase] = gm
     bs, m = spec.block_size, spec.max_blocks_per_seq
