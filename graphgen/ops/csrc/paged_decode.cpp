@@ -55,6 +55,49 @@ inline void prefetch_row(const void* row, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, hint);
 }
 
+// The keys and values of the sequence a thread runs next, requested a few lines at a time while it
+// computes the current one (`step`, once per 4 keys scored). The pool is cold: a plain read of a
+// step's KV blocks runs at ~20 GB/s here (~45 for one contiguous stream), and a task that starts
+// on cold rows waits for them. C harness, 16 sequences of 16-383 positions, cold pool, 12 layers:
+// 4.37-4.58 -> 3.94-3.98 ms a step (docs/performance.md).
+struct ReadAhead {
+  std::vector<std::pair<const char*, int64_t>> spans;  // (first byte, 64-byte lines)
+  size_t span = 0;
+  const char* next = nullptr;
+  int64_t left = 0, per_step = 0;
+
+  // Plans the rows of positions < len of the sequence with block-table row `blocks`, whole rows (all
+  // KV heads side by side), spread over `steps` calls of step(). Nothing where a block is out of range.
+  template <typename T>
+  void plan(const T* kc, const T* vc, const int64_t* blocks, int64_t len, int64_t steps, const int64_t* kst,
+            const int64_t* vst, int64_t NB, int64_t bs, int64_t row_elems) {
+    spans.clear(), span = 0, left = 0, next = nullptr;
+    int64_t lines = 0;
+    for (int64_t t0 = 0; t0 < len; t0 += bs) {
+      const int64_t blk = blocks[t0 / bs];
+      if (blk < 0 || blk >= NB) return spans.clear();
+      const int64_t n = std::min(bs, len - t0);
+      const int64_t kbytes = ((n - 1) * kst[1] + row_elems) * static_cast<int64_t>(sizeof(T));
+      const int64_t vbytes = ((n - 1) * vst[1] + row_elems) * static_cast<int64_t>(sizeof(T));
+      spans.push_back({reinterpret_cast<const char*>(kc + blk * kst[0]), (kbytes + 63) / 64});
+      spans.push_back({reinterpret_cast<const char*>(vc + blk * vst[0]), (vbytes + 63) / 64});
+      lines += spans[spans.size() - 2].second + spans.back().second;
+    }
+    per_step = (lines + steps - 1) / std::max<int64_t>(1, steps);
+  }
+
+  void step() {
+    for (int64_t n = per_step; n > 0; --n) {
+      if (left == 0) {
+        if (span == spans.size()) return;
+        next = spans[span].first, left = spans[span].second, ++span;
+      }
+      _mm_prefetch(next, _MM_HINT_T1);
+      next += 64, --left;
+    }
+  }
+};
+
 // Strided rows (last-dim stride != 1) widened into one fp32 buffer, with pointers to its rows.
 template <typename T>
 void widen_rows(const T* const* rows, int64_t len, int64_t stride, int64_t D, std::vector<float>& buf,
@@ -111,7 +154,7 @@ inline void score4(const float* q, const T* const* rows, int64_t t, int64_t len,
 // softmax; nullptr: none) into L2 alongside. Decode attention at batch 16, cold pool: ~18% faster.
 template <typename T>
 void score(const float* q, const T* const* rows, int64_t len, int64_t G, int64_t D, float* scores,
-           const T* const* later) {
+           const T* const* later, ReadAhead* ahead) {
   constexpr int64_t kAheadL1 = 16, kAheadL2 = 48;
   int64_t t = 0;
   const int64_t bytes = D * sizeof(T);
@@ -123,6 +166,7 @@ void score(const float* q, const T* const* rows, int64_t len, int64_t G, int64_t
       for (int64_t i = t + kAheadL2; i < std::min(t + kAheadL2 + 4, len); ++i) prefetch_row<_MM_HINT_T1>(rows[i], bytes);
       if (later)
         for (int64_t i = t; i < t + 4; ++i) prefetch_row<_MM_HINT_T1>(later[i], bytes);
+      if (ahead) ahead->step();
       for (int64_t g = 0; g < G; g += 3) {
         const float* qg = q + g * D;
         float* sg = scores + g * len;
@@ -229,7 +273,7 @@ struct Work {
 // out. False, with the entry in bad_block, where the sequence's block table points outside the pool.
 template <typename T>
 bool attend_head(const T* q, const T* kc, const T* vc, const int64_t* blocks, int64_t len, T* out, const Shapes& s,
-                 float scale, int64_t b, int64_t h, Work<T>& w, int64_t& bad_block) {
+                 float scale, int64_t b, int64_t h, Work<T>& w, int64_t& bad_block, ReadAhead* ahead) {
   const int64_t G = s.N / s.Nkv, D = s.D;
   T* o = out + (b * s.N + h * G) * D;
   for (int64_t g = 0; g < G; ++g) {
@@ -242,10 +286,10 @@ bool attend_head(const T* q, const T* kc, const T* vc, const int64_t* blocks, in
   float* scores = w.scores.data();
   const T* const* values_later = s.vst[3] == 1 ? w.vrows.data() : nullptr;  // the rows `weigh` reads
   if (s.kst[3] == 1) {
-    score(w.qf.data(), w.krows.data(), len, G, D, scores, values_later);
+    score(w.qf.data(), w.krows.data(), len, G, D, scores, values_later, ahead);
   } else {
     widen_rows(w.krows.data(), len, s.kst[3], D, w.rows_f, w.rows_fp);
-    score(w.qf.data(), w.rows_fp.data(), len, G, D, scores, static_cast<const float* const*>(nullptr));
+    score(w.qf.data(), w.rows_fp.data(), len, G, D, scores, static_cast<const float* const*>(nullptr), ahead);
   }
   for (int64_t g = 0; g < G; ++g) {  // softmax numerators in place, and their sum
     float* sg = scores + g * len;
@@ -463,6 +507,8 @@ void attend_panel(const T* q, const T* kc, const T* vc, const int64_t* table, co
 // sequence's) level. Requesting whole rows into L2 ahead of the first head was no better.
 // Runs of a prompt chunk's tokens (`find_runs`; D-contiguous caches, D a multiple of 16) are panel
 // tasks (`attend_panel`) before the row tasks of the other rows.
+// Threads claim tasks one ahead from a shared counter (a dynamic schedule that lets a thread know
+// its next task): a thread running a whole sequence reads the next one's rows in (`ReadAhead`).
 template <typename T>
 AOTITorchError attend(const T* q, const T* kc, const T* vc, const int64_t* table, const int64_t* lens, T* out,
                       const Shapes& s, float scale) {
@@ -487,18 +533,21 @@ AOTITorchError attend(const T* q, const T* kc, const T* vc, const int64_t* table
   const int64_t tasks = P + R * (s.Nkv / heads);
   std::atomic<bool> any_bad_block{false};
   std::atomic<int64_t> bad_block{0}, bad_len{-1};
+  const int64_t tasks_per_row = s.Nkv / heads;
+  std::atomic<int64_t> claimed{0};
 #pragma omp parallel num_threads(std::max<int64_t>(1, std::min<int64_t>(threads(), tasks)))
   {
     Work<T> work(G, D);
     PanelWork<T> panel_work;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < tasks; ++task) {
+    ReadAhead ahead;
+    for (int64_t task = claimed.fetch_add(1), following; task < tasks; task = following) {
+      following = claimed.fetch_add(1);
       if (task < P) {
         const auto& [r, h, r0] = panels[task];
         attend_panel(q, kc, vc, table, lens, out, s, scale, runs[r], h, r0, panel_work);
         continue;
       }
-      const int64_t row = (task - P) / (s.Nkv / heads), b = rows[row], h0 = (task - P) % (s.Nkv / heads) * heads;
+      const int64_t row = (task - P) / tasks_per_row, b = rows[row], h0 = (task - P) % tasks_per_row * heads;
       const int64_t len = lens[b];
       if (len <= 0 || len > s.M * s.bs) {
         if (len > s.M * s.bs) bad_len = b;
@@ -506,9 +555,18 @@ AOTITorchError attend(const T* q, const T* kc, const T* vc, const int64_t* table
         for (int64_t i = 0; i < heads * G * D; ++i) store(o + i, 0.0f);
         continue;
       }
+      ReadAhead* next = nullptr;
+      if (heads == s.Nkv && following < tasks) {  // whole sequences: the next one's rows, all heads
+        const int64_t nb = rows[(following - P) / tasks_per_row];
+        if (lens[nb] > 0 && lens[nb] <= s.M * s.bs) {
+          ahead.plan(kc, vc, table + nb * s.M, lens[nb], heads * std::max<int64_t>(1, len / 4), s.kst, s.vst, s.NB,
+                     s.bs, s.Nkv * D);
+          next = &ahead;
+        }
+      }
       for (int64_t h = h0; h < h0 + heads; ++h) {
         int64_t bad;
-        if (!attend_head(q, kc, vc, table + b * s.M, len, out, s, scale, b, h, work, bad)) {
+        if (!attend_head(q, kc, vc, table + b * s.M, len, out, s, scale, b, h, work, bad, next)) {
           bad_block = bad;
           any_bad_block = true;
           break;
