@@ -37,3 +37,17 @@ def tiny_artifact(tmp_path_factory):
 def tiny_eager_artifact(tmp_path_factory):
     """The embedded default recipe with the eager backend (exported programs, no compile): fast."""
     return _compile_default(tmp_path_factory, "tiny-llama-eager", compile__backend="eager").path
+
+
+@pytest.fixture(scope="session")
+def tiny_captured(tmp_path_factory):
+    """The embedded default recipe's model, saved and loaded as a checkpoint and captured (max_batch 8,
+    max_seq_len 256), once per test session: (recipe, model, exported program, checkpoint dir)."""
+    from graphgen.capture.export import capture
+    from graphgen.capture.load import load_model
+    from graphgen.recipe import default_recipe
+
+    recipe = default_recipe()
+    model, _, checkpoint = load_model(recipe.model, recipe.dtype, tmp_path_factory.mktemp("ckpt"))
+    ep, _ = capture(model, max_batch=8, max_seq_len=256)
+    return recipe, model, ep, checkpoint

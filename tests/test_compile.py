@@ -122,10 +122,8 @@ def _check_mixed(graph, cache, seqs, sampled, hf, atol):
 
 
 @pytest.fixture(scope="module")
-def captured(tmp_path_factory):
-    recipe = default_recipe()
-    model, _, checkpoint = load_model(recipe.model, recipe.dtype, tmp_path_factory.mktemp("ckpt"))
-    ep, record = capture(model, max_batch=8, max_seq_len=256)
+def captured(tiny_captured):
+    recipe, model, ep, checkpoint = tiny_captured
     hf = AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager").eval()
     return recipe, model, ep, hf
 

@@ -2,11 +2,8 @@
 import pytest
 import torch
 
-from graphgen.capture.export import capture
-from graphgen.capture.load import load_model
 from graphgen.compiler import kv_spec_for, paged_graph_module
 from graphgen.passes.rotary import tabulate_rotary
-from graphgen.recipe import default_recipe
 
 TRIG = (torch.ops.aten.cos.default, torch.ops.aten.sin.default)
 
@@ -30,14 +27,6 @@ class Rope(torch.nn.Module):
             freqs = freqs + torch.rand_like(freqs)
         emb = torch.cat((freqs, freqs), dim=-1)
         return x * emb.cos() + x.flip(-1) * emb.sin()
-
-
-@pytest.fixture(scope="module")
-def captured_tiny(tmp_path_factory):
-    recipe = default_recipe()
-    model, _, _ = load_model(recipe.model, recipe.dtype, tmp_path_factory.mktemp("ckpt"))
-    ep, _ = capture(model, max_batch=8, max_seq_len=256)
-    return recipe, model, ep
 
 
 def _graph(module: torch.nn.Module):
@@ -89,10 +78,10 @@ def test_a_graph_without_positions_is_left_alone():
         tabulate_rotary(gm, 0)
 
 
-def test_tables_of_the_tiny_model_are_its_rotary_embedding(captured_tiny):
+def test_tables_of_the_tiny_model_are_its_rotary_embedding(tiny_captured):
     """On the captured tiny Llama's decode graph: both tables hold what HF's rotary embedding
     computes for every position, and the graph keeps no cos/sin."""
-    recipe, model, ep = captured_tiny
+    recipe, model, ep, _ = tiny_captured
     gm, _ = paged_graph_module(ep, "decode", kv_spec_for(recipe, model))
     record = tabulate_rotary(gm, 256)
     assert len(record.tabulated) == 2 and not _trig(gm)

@@ -3,13 +3,10 @@ layer's attention, so rows that do not sample skip the last layer's output proje
 import pytest
 import torch
 
-from graphgen.capture.export import capture
-from graphgen.capture.load import load_model
 from graphgen.compiler import kv_spec_for, paged_graph_module
 from graphgen.passes.paged_attention import plain_graph_module
 from graphgen.passes.sampled_rows import GATHER, gather_sampled_rows_early
 from graphgen.passes.subgraph import ancestors
-from graphgen.recipe import default_recipe
 
 H = 16
 
@@ -103,10 +100,8 @@ def test_graph_without_the_indices_input_is_left_alone():
 
 
 @pytest.fixture(scope="module")
-def tiny_graphs(tmp_path_factory):
-    recipe = default_recipe()
-    model, _, _ = load_model(recipe.model, recipe.dtype, tmp_path_factory.mktemp("ckpt"))
-    ep, _ = capture(model, max_batch=8, max_seq_len=256)
+def tiny_graphs(tiny_captured):
+    recipe, model, ep, _ = tiny_captured
     spec = kv_spec_for(recipe, model)
     return spec, {phase: paged_graph_module(ep, phase, spec)[0] for phase in ("prefill", "mixed", "decode")}
 
