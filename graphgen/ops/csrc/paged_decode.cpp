@@ -59,7 +59,8 @@ inline void prefetch_row(const void* row, int64_t bytes) {
 // computes the current one (`step`, once per 4 keys scored). The pool is cold: a plain read of a
 // step's KV blocks runs at ~20 GB/s here (~45 for one contiguous stream), and a task that starts
 // on cold rows waits for them. C harness, 16 sequences of 16-383 positions, cold pool, 12 layers:
-// 4.37-4.58 -> 3.94-3.98 ms a step (docs/performance.md).
+// 4.33-4.55 -> 3.59-4.00 ms a step; less again with the pool on huge pages, where the requests do
+// not wait on TLB misses (runtime/runner.py, docs/performance.md).
 struct ReadAhead {
   std::vector<std::pair<const char*, int64_t>> spans;  // (first byte, 64-byte lines)
   size_t span = 0;
