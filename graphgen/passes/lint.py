@@ -14,6 +14,8 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 
+from .subgraph import meta_value
+
 ATTENTION = torch.ops.graphgen.attention.default
 NPU_DTYPES = (torch.float16, torch.bfloat16)
 MAX_GQA_RATIO = 64
@@ -87,13 +89,9 @@ def layer_of(node: fx.Node) -> int | None:
     return None
 
 
-def _val(node: Any):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
-
-
 def _canonical(node: fx.Node, ctx: LintContext, out: list[Finding]) -> None:
     layer, name, kw = layer_of(node), node.name, node.kwargs
-    q, k = _val(node.args[0]), _val(node.args[1])
+    q, k = meta_value(node.args[0]), meta_value(node.args[1])
     if kw.get("softcap"):
         out.append(Finding("softcap", "error", layer, name, kw["softcap"],
                            "no NPU flash-attention op applies a logit softcap; this layer runs the portable "
@@ -147,7 +145,7 @@ def _paged(node: fx.Node, op: str, ctx: LintContext, out: list[Finding]) -> None
         sparse = kw.get("sparse_mode", 0)
         if sparse not in range(5):
             out.append(Finding("sparse_mode", "error", layer, name, sparse, "PFA accepts sparse_mode 0-4"))
-        mask = _val(kw.get("atten_mask"))
+        mask = meta_value(kw.get("atten_mask"))
         if sparse in (2, 3, 4) and (mask is None or tuple(mask.shape[-2:]) != (2048, 2048)):
             out.append(Finding("compressed_mask", "error", layer, name, None if mask is None else tuple(mask.shape),
                                "sparse_mode 2/3/4 take the compressed (2048, 2048) triu mask"))
@@ -162,14 +160,14 @@ def _paged(node: fx.Node, op: str, ctx: LintContext, out: list[Finding]) -> None
         align = 32 if ctx.kv_dtype == "int8" else 16
         if bs % align:
             out.append(Finding("block_size", "error", layer, name, bs, f"block_size must be a multiple of {align}"))
-        q = _val(node.args[0])
+        q = meta_value(node.args[0])
         if op == "npu_fused_infer_attention_score" and q is not None and kw.get("input_layout") != "TND":
             qs = q.shape[1] if kw.get("input_layout", "BSH") in ("BSH", "BSND") else q.shape[2]
             if not (isinstance(qs, int) and qs == 1) and (bs % 128 or bs > 512):
                 out.append(Finding("fia_block_size", "error", layer, name, bs,
                                    "FIA paged prefill (Q_S > 1, the prefix-cache extend graph) needs block_size a "
                                    "multiple of 128, at most 512: set kv_cache.block_size: 128"))
-        table = _val(kw.get("block_table"))
+        table = meta_value(kw.get("block_table"))
         if table is not None and table.dtype != torch.int32:
             out.append(Finding("block_table_dtype", "error", layer, name, str(table.dtype), "pass block_table as int32"))
 
@@ -210,7 +208,7 @@ def _lengths_rules(node: fx.Node, op: str, ctx: LintContext, out: list[Finding])
                                "in sparse_mode 0 the band only skips whole blocks while the mask applies element by "
                                "element: make them agree (or leave pre/next unbounded), else accuracy suffers"))
     if op == "npu_fused_infer_attention_score" and mask is not None and sparse in (0, 1):
-        q = _val(node.args[0])
+        q = meta_value(node.args[0])
         layout = kw.get("input_layout", "BSH")
         qs = None if q is None else (q.shape[1] if layout in ("BSH", "BSND") else q.shape[2] if layout == "BNSD" else None)
         if not (isinstance(qs, int) and qs == 1) and kw.get("inner_precise", 0) not in (2, 3):

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from .subgraph import meta_value
+
 aten = torch.ops.aten
 GATHER = aten.index_select.default
 ASSERT = aten._assert_tensor_metadata.default
@@ -103,9 +105,9 @@ def _row_operands(node: fx.Node, dim: int) -> list[tuple[int | str, fx.Node, int
     """If row i (along dim) of node's value depends on row i of its operands alone: the operands
     to gather, as (argument position or keyword, operand, the operand's own row dimension); None
     where it does not, or where the shapes to decide it are unknown."""
-    if node.op != "call_function" or not isinstance(_val(node), torch.Tensor):
+    if node.op != "call_function" or not isinstance(meta_value(node), torch.Tensor):
         return None
-    out = _val(node)
+    out = meta_value(node)
     dim = dim % out.dim() if out.dim() else None
     if dim is None:
         return None
@@ -114,9 +116,9 @@ def _row_operands(node: fx.Node, dim: int) -> list[tuple[int | str, fx.Node, int
     if node.target in REDUCTIONS:
         x = node.args[0]
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        if not isinstance(_val(x), torch.Tensor) or not dims:
+        if not isinstance(meta_value(x), torch.Tensor) or not dims:
             return None
-        rank = _val(x).dim()
+        rank = meta_value(x).dim()
         return [(0, x, dim)] if all(d % rank > dim for d in dims) else None
     if node.target not in ELEMENTWISE:
         return None
@@ -124,7 +126,7 @@ def _row_operands(node: fx.Node, dim: int) -> list[tuple[int | str, fx.Node, int
     for where, arg in [*enumerate(node.args), *node.kwargs.items()]:
         if not isinstance(arg, fx.Node):
             continue
-        val = _val(arg)
+        val = meta_value(arg)
         if not isinstance(val, torch.Tensor):
             return None
         own = dim - (out.dim() - val.dim())  # broadcasting aligns the trailing dimensions
@@ -132,10 +134,6 @@ def _row_operands(node: fx.Node, dim: int) -> list[tuple[int | str, fx.Node, int
             continue  # broadcast along the rows: the same for every row
         operands.append((where, arg, own))
     return operands
-
-
-def _val(node) -> object:
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
 def _is_one(size) -> bool:

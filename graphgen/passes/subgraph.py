@@ -1,8 +1,17 @@
 """The part of a graph one node's value needs, run on its own at compile time (passes that decide
-from what a subgraph computes: canonicalize's masks, rotary's cos/sin tables)."""
+from what a subgraph computes: canonicalize's masks, rotary's cos/sin tables), and the fake value
+export recorded for a node (what lint and sampled_rows read shapes from)."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch.fx as fx
+
+
+def meta_value(node: Any):
+    """The fake tensor (or other value) export recorded for node; None for a non-node argument or
+    a node without one (added by a pass after export)."""
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
 def ancestors(node: fx.Node) -> list[fx.Node]:
