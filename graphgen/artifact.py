@@ -30,7 +30,9 @@ from typing import Any, Iterator
 
 from .spec import KVSpec
 
-FORMAT_VERSION = 1
+# 2: a graph may leave its LM head to the runtime (graphs.<phase>.head; outputs ["hidden"])
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: every graph returns logits
 MANIFEST = "manifest.json"
 
 
@@ -172,9 +174,10 @@ def read_manifest(root: str | Path, *, verify: bool = True, weights_later: bool 
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{mpath}: not valid JSON ({e}); {rebuild}") from None
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ArtifactError(
-            f"{mpath}: artifact format version {version!r}, this graphgen reads version {FORMAT_VERSION}; {rebuild}"
+            f"{mpath}: artifact format version {version!r}, this graphgen reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; {rebuild}"
         )
     for key in ("graphs", "kv", "files", "model_dir", "special_tokens", "limits"):
         if key not in data:

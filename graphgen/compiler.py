@@ -33,6 +33,7 @@ from .backends import backend_module
 from .capture.export import capture
 from .capture.load import load_model
 from .passes.lint import LintContext, LintReport, lint
+from .passes.lm_head import MIN_HEAD_ELEMENTS, split_lm_head
 from .passes.paged_attention import paged_attention, padded_head_dim, plain_graph_module
 from .passes.rotary import tabulate_rotary
 from .passes.sampled_rows import gather_sampled_rows_early
@@ -428,6 +429,12 @@ def compile_recipe(
                     if rotary.tabulated or rotary.skipped:
                         say("passes", f"{phase}: rotary cos/sin: {len(rotary.tabulated)} tables of "
                                       f"{lim.max_model_len} positions" + "".join(f"; kept {s}" for s in rotary.skipped))
+                # cpu: the runtime applies the LM head, where it knows when a step is greedy
+                head = None
+                if npu is None and device.type == "cpu" and recipe.graphs.lm_head != "graph":
+                    head = split_lm_head(gm, min_elements=0 if recipe.graphs.lm_head == "runtime" else MIN_HEAD_ELEMENTS)
+                if head:
+                    say("passes", f"{phase}: LM head {head} applied by the runtime (greedy steps: graphgen::greedy_head)")
                 ex, dims = _example_inputs(phase, spec, recipe, device)
                 with torch.no_grad():
                     paged = torch.export.export(gm, tuple(ex), dynamic_shapes=dims, strict=False)
@@ -438,9 +445,11 @@ def compile_recipe(
                     "file": rel,
                     "format": backend.FORMAT,
                     "inputs": inputs + cache_input_names(spec.num_layers),
-                    "outputs": ["logits"],
+                    "outputs": ["hidden" if head else "logits"],
                     "weights": None,  # filled in below, once the backend says which constants it kept
                 }
+                if head:
+                    graphs[phase]["head"] = {"weight": head}  # mapped to the checkpoint below
                 modules[phase] = gm
                 if npu is not None:
                     say("backend", f"{phase}: {recipe.compile.backend}")
@@ -459,6 +468,10 @@ def compile_recipe(
         for phase, entry in graphs.items():
             entry["weights"], extra = _weight_map(modules[phase], _in_use_order(modules[phase], entry["weights"]), ckpt)
             extra_constants.update(extra)
+            if "head" in entry:
+                mapping, extra = _weight_map(modules[phase], [entry["head"]["weight"]], ckpt)
+                entry["head"]["weight"] = next(iter(mapping.values()))  # [source, key], as the graph's weights
+                extra_constants.update(extra)
         graphs["decode"]["batch_sizes"] = list(recipe.graphs.decode_batch_sizes)
         prefill = recipe.graphs.prefill
         graphs["prefill"]["token_buckets"] = None if prefill == "varlen" else list(prefill.buckets)

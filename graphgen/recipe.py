@@ -150,6 +150,10 @@ class Graphs(_Strict):
     # None: powers of two up to limits.max_num_seqs, plus max_num_seqs itself.
     decode_batch_sizes: list[int] | None = None
     prefill: Prefill = "varlen"
+    # Where the LM head runs (passes/lm_head.py). runtime: the runtime applies it, so greedy steps take
+    # graphgen::greedy_head instead of every logit (cpu; a plain fp32 head, else it stays in the
+    # graph); graph: inside the graphs; auto: runtime for heads of 1M+ weights on cpu, else graph.
+    lm_head: Literal["auto", "graph", "runtime"] = "auto"
 
 
 class TorchairOptions(_Strict):
@@ -327,6 +331,8 @@ def _conflicts(r: Recipe) -> list[Problem]:
         out += _check_buckets(("graphs", "prefill", "buckets"), r.graphs.prefill.buckets, lim.max_num_batched_tokens,
                               "limits.max_num_batched_tokens", "prefill bucket")
 
+    if r.graphs.lm_head == "runtime" and r.target != "cpu":
+        out.append((("graphs", "lm_head"), f"runtime is for target cpu (target is {r.target}); use auto or graph"))
     if r.target == "npu" and r.dtype == "float32":
         out.append((("dtype",), "float32 on npu: the NPU attention ops take float16 or bfloat16; use one of them"))
     allowed = {"cpu": ("inductor", "eager"), "cuda": ("inductor", "eager"), "npu": ("torchair", "eager")}[r.target]

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("gemv_linear.cpp", "packed_causal.cpp", "paged_decode.cpp")
+SOURCES = ("gemv_linear.cpp", "packed_causal.cpp", "paged_decode.cpp", "greedy_head.cpp")
 HEADERS = ("kernels.h",)
 LIBRARY = "libgraphgen_cpu.so"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-std=c++17"]
@@ -53,6 +53,9 @@ SHIMS: dict[str, tuple[str, str]] = {
                                "AtenTensorHandle key_cache, AtenTensorHandle value_cache, "
                                "AtenTensorHandle block_table, AtenTensorHandle seq_lens, double scale, "
                                "AtenTensorHandle* ret0)"),
+    "greedy_head": ("aoti_torch_cpu_greedy_head",
+                    "AOTITorchError aoti_torch_cpu_greedy_head(AtenTensorHandle x, AtenTensorHandle weight, "
+                    "AtenTensorHandle packed, AtenTensorHandle norms, AtenTensorHandle* ret0)"),
     "packed_causal_attention": ("aoti_torch_cpu_packed_causal_attention",
                                 "AOTITorchError aoti_torch_cpu_packed_causal_attention(AtenTensorHandle query, "
                                 "AtenTensorHandle key, AtenTensorHandle value, AtenTensorHandle cu_seq_lens, "
@@ -80,6 +83,12 @@ def set_num_threads(threads: int) -> None:
     lib = _library()
     if lib is not None:
         lib.graphgen_set_num_threads(int(threads))
+
+
+def greedy_head_supported() -> bool:
+    """Whether `greedy_head` runs here: the kernels are loaded and the CPU has AVX512-BF16."""
+    lib = _library()
+    return lib is not None and bool(lib.graphgen_greedy_head_supported())
 
 
 def inductor_configs() -> dict:
@@ -153,6 +162,7 @@ def _load() -> ctypes.CDLL | None:
     lib.graphgen_set_num_threads.argtypes = [ctypes.c_int]
     lib.graphgen_set_num_threads(torch.get_num_threads())
     lib.graphgen_last_error.restype = ctypes.c_char_p
+    lib.graphgen_greedy_head_supported.restype = ctypes.c_int
     for symbol, _ in SHIMS.values():
         getattr(lib, symbol).restype = ctypes.c_int32
     return lib

@@ -229,23 +229,28 @@ class LLM:
     def _step(self, batch: Batch, sampling: list[Sequence]) -> torch.Tensor:
         """Run the batch's graph; the tokens sampled for `sampling` (`batch.sampling`), in its order."""
         start, seqs, stats = time.perf_counter(), batch.seqs, self.stats
+        # Greedy steps take each row's argmax from the runner, which finds it without every logit
+        # (graphgen::greedy_head), where the sampler's greedy pick is that argmax (Sampler's is).
+        greedy = (self.runner.greedy_tokens and getattr(self.sampler, "greedy_is_argmax", False)
+                  and all(s.sampling_params.greedy for s in (sampling if batch.kind == "mixed" else seqs)))
+        pick = (lambda out, rows: out) if greedy else self.sampler  # noqa: E731
         if batch.kind == "prefill":
-            logits = self.runner.prefill(seqs)
+            out = self.runner.prefill(seqs, greedy=greedy)
             self.runner.forget_decode_batch()
-            tokens = self.sampler(logits, seqs)
+            tokens = pick(out, seqs)
             stats.prefill_tokens += sum(batch.num_tokens)
             stats.prefill_seconds += time.perf_counter() - start
         elif batch.kind == "decode":
             bucket = self.scheduler.decode_bucket(len(seqs))
-            logits = self.runner.decode(seqs, bucket)
-            tokens = self.sampler(logits, seqs)
+            out = self.runner.decode(seqs, bucket, greedy=greedy)
+            tokens = pick(out, seqs)
             self.runner.advance(seqs, tokens, bucket)
             stats.decode_tokens += len(seqs)
             stats.decode_seconds += time.perf_counter() - start
         else:
-            logits = self.runner.mixed(list(zip(seqs, batch.starts, batch.num_tokens)))
+            out = self.runner.mixed(list(zip(seqs, batch.starts, batch.num_tokens)), greedy=greedy)
             self.runner.forget_decode_batch()
-            tokens = self.sampler(logits, sampling) if sampling else torch.empty(0, dtype=torch.int64)
+            tokens = pick(out, sampling) if sampling else torch.empty(0, dtype=torch.int64)
             stats.mixed_decode_tokens += batch.decode_rows
             stats.mixed_prefill_tokens += sum(batch.num_tokens) - batch.decode_rows
             stats.mixed_seconds += time.perf_counter() - start

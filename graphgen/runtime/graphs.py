@@ -49,7 +49,7 @@ def load_weights(manifest: Manifest, device: torch.device) -> dict[str, dict[str
                   for name, tensor in load_file(str(path), device=str(device)).items()}
     order: dict[tuple[str, str], None] = {}  # (source, key) by first use, each once
     for phase, graph in manifest.graphs.items():
-        for source, key in graph["weights"].values():
+        for source, key in _bound(graph).values():
             if (source, key) not in stored:
                 where = manifest.model_dir if source == "model" else manifest.path(constants)
                 raise ArtifactError(f"{where}: tensor '{key}' needed by graph '{phase}' is missing; "
@@ -67,8 +67,16 @@ def load_weights(manifest: Manifest, device: torch.device) -> dict[str, dict[str
         for source, key in order:
             tensor = stored.pop((source, key))  # popped: a cast frees the file's copy as it goes
             tensors[(source, key)] = tensor.to(cast(source, tensor.dtype) or tensor.dtype).contiguous()
-    return {phase: {fqn: tensors[(source, key)] for fqn, (source, key) in graph["weights"].items()}
+    return {phase: {fqn: tensors[(source, key)] for fqn, (source, key) in _bound(graph).items()}
             for phase, graph in manifest.graphs.items()}
+
+
+HEAD = "graphgen.lm_head"  # load_weights' name for a graph's runtime-applied LM head weight
+
+
+def _bound(graph: dict) -> dict[str, list[str]]:
+    """A manifest graph's weights, name -> [source, key]: its constants, then its runtime head (`HEAD`)."""
+    return {**graph["weights"], **({HEAD: graph["head"]["weight"]} if "head" in graph else {})}
 
 
 def safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
@@ -178,11 +186,13 @@ def _libc() -> ctypes.CDLL:
 
 
 def load_graphs(manifest: Manifest, device: torch.device) -> dict[str, Callable[..., torch.Tensor]]:
-    """phase -> callable taking the graph's inputs positionally (manifest order), returning logits."""
+    """phase -> callable taking the graph's inputs positionally (manifest order), returning logits.
+    Graphs that leave the LM head to the runtime come wrapped (`HeadedGraph`): they return logits
+    too, and take greedy steps through `greedy_head`."""
     if device.type == "cpu":
         keep_freed_memory()
     weights = load_weights(manifest, device)
-    graphs = {}
+    graphs, heads = {}, {}
     for phase, graph in manifest.graphs.items():
         backend = backend_module(graph["format"])
         try:
@@ -190,4 +200,57 @@ def load_graphs(manifest: Manifest, device: torch.device) -> dict[str, Callable[
         except (RuntimeError, OSError) as e:
             raise ArtifactError(f"{manifest.path(graph['file'])}: cannot load graph '{phase}' ({e}); "
                                 "rebuild with `graphgen compile <recipe> --force`") from e
+        if "head" in graph:
+            weight = weights[phase][HEAD]
+            head = heads.get(weight.data_ptr()) or heads.setdefault(weight.data_ptr(), Head(weight))
+            graphs[phase] = HeadedGraph(graphs[phase], head)
     return graphs
+
+
+class Head:
+    """An fp32 LM head the runtime applies: logits through graphgen's linear kernel (as the graph would
+    have called it), and greedy tokens through `greedy_head` where it runs (its bf16 copy of the
+    weight is packed once, on huge pages, and shared by every graph)."""
+
+    def __init__(self, weight: torch.Tensor):
+        from ..ops import greedy_head as gh
+
+        self.weight = weight
+        self.packed = self.norms = None
+        if weight.device.type == "cpu" and gh.supported():
+            shape = gh.packed_shape(*weight.shape)
+            buffer = huge_page_buffer(math.prod(shape) * torch.bfloat16.itemsize)
+            try:
+                self.packed, self.norms = gh.pack_head(weight, buffer.view(torch.bfloat16).view(shape))
+            except ValueError:  # weights that are not finite: no bound holds, so logits and their argmax
+                pass
+
+    @property
+    def greedy(self) -> bool:
+        """Whether `tokens` takes the fast path (else it computes the logits and their argmax)."""
+        return self.packed is not None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.ops.graphgen.gemv_linear(hidden, self.weight)
+
+    def tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """argmax of each row's logits, ties to the lowest id (the sampler's greedy pick)."""
+        if self.packed is None:
+            return self.logits(hidden).argmax(dim=-1)
+        return torch.ops.graphgen.greedy_head(hidden, self.weight, self.packed, self.norms)
+
+
+class HeadedGraph:
+    """A graph compiled without its LM head (its output: the rows the head reads) and the head.
+    Called, it returns logits as a graph with the head would; `greedy(rows, *inputs)` returns the
+    argmax token of each of the first `rows` rows instead."""
+
+    def __init__(self, graph: Callable[..., torch.Tensor], head: Head):
+        self.graph, self.head = graph, head
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.head.logits(self.graph(*inputs))
+
+    def greedy(self, rows: int, *inputs: torch.Tensor) -> torch.Tensor:
+        hidden = self.graph(*inputs)  # run even for no rows: the step writes its KV
+        return self.head.tokens(hidden[:rows]) if rows else torch.empty(0, dtype=torch.int64)

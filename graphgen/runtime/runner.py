@@ -8,7 +8,7 @@ from ..artifact import Manifest
 from ..ops.advance_step import advance_rows
 from ..spec import DTYPES, cache_input_names
 from .block_manager import BlockManager
-from .graphs import huge_page_buffer, load_graphs
+from .graphs import HeadedGraph, huge_page_buffer, load_graphs
 from .sequence import Sequence
 
 I64 = torch.int64
@@ -53,11 +53,24 @@ class ModelRunner:
         self.block_table = self.scratch_row.repeat(b, 1).to(device)
         self._rows: list[int] = []  # seq_id per row as of the last advance step
         self._table_lens: list[int] = []
+        # Every graph leaves its LM head to the runtime and the head's greedy kernel runs here: the
+        # step methods can return each sequence's argmax token (greedy=True) instead of its logits.
+        self.greedy_tokens = all(isinstance(g, HeadedGraph) and g.head.greedy for g in self.graphs.values())
+
+    def _run(self, phase: str, inputs: tuple, rows: int | None, greedy: bool) -> torch.Tensor:
+        """The `phase` graph's logits (all its rows), or with `greedy` the argmax tokens of its first `rows`."""
+        graph = self.graphs[phase]
+        if not greedy:
+            return graph(*inputs)
+        if not self.greedy_tokens:
+            raise ValueError("greedy tokens need graphs that leave the LM head to the runtime (runner.greedy_tokens)")
+        return graph.greedy(rows, *inputs)
 
     # --- prefill ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Logits (len(seqs), V) at each sequence's last token. Sequences with a prefix-cache hit
+    def prefill(self, seqs: list[Sequence], *, greedy: bool = False) -> torch.Tensor:
+        """Logits (len(seqs), V) at each sequence's last token (greedy: the argmax token of each,
+        (len(seqs),) int64, where `greedy_tokens`; likewise for `mixed` and `decode`). Sequences with a prefix-cache hit
         run after the packed prefill has written its KV (so a hit on a block filled in this same
         batch reads finished data): all at once through the mixed graph (cpu/cuda), else one by
         one through the extend graph (npu)."""
@@ -67,17 +80,17 @@ class ModelRunner:
         hits = [s for s in seqs if s.num_cached_tokens and paged]
         logits: dict[int, torch.Tensor] = {}
         for group in ([[s] for s in fresh] if self.prefill_per_sequence else [fresh] if fresh else []):
-            for seq, row in zip(group, self._packed_prefill(group)):
+            for seq, row in zip(group, self._packed_prefill(group, greedy)):
                 logits[seq.seq_id] = row
         if hits and "mixed" in self.graphs:
-            rows = self.mixed([(s, s.num_cached_tokens, len(s) - s.num_cached_tokens) for s in hits])
+            rows = self.mixed([(s, s.num_cached_tokens, len(s) - s.num_cached_tokens) for s in hits], greedy=greedy)
             logits.update((s.seq_id, row) for s, row in zip(hits, rows))
         else:
-            logits.update((s.seq_id, self._extend(s)) for s in hits)
+            logits.update((s.seq_id, self._extend(s, greedy)) for s in hits)
         return torch.stack([logits[s.seq_id] for s in seqs])
 
     @torch.no_grad()
-    def mixed(self, chunks: list[tuple[Sequence, int, int]]) -> torch.Tensor:
+    def mixed(self, chunks: list[tuple[Sequence, int, int]], *, greedy: bool = False) -> torch.Tensor:
         """One step of the mixed graph: each (seq, start, n) computes seq's tokens [start, start +
         n) over the KV of those before them. Logits (K, V) for the chunks that reach their
         sequence's last token, in order (K = 0: an empty tensor)."""
@@ -93,11 +106,10 @@ class ModelRunner:
         t = lambda xs: torch.tensor(xs, dtype=I64, device=self.device)  # noqa: E731
         table = self._table_rows([seq for seq, _, _ in chunks])
         # The graph returns at least one row: with no chunk sampling, that of the last token, unused.
-        logits = self.graphs["mixed"](t(ids)[None], t(pos)[None], t(last or [len(ids) - 1]), t(ends), table,
-                                      t(kv_lens), t(slots), *self.pools)
-        return logits[:len(last)]
+        inputs = (t(ids)[None], t(pos)[None], t(last or [len(ids) - 1]), t(ends), table, t(kv_lens), t(slots), *self.pools)
+        return self._run("mixed", inputs, len(last), greedy)[:len(last)]
 
-    def _packed_prefill(self, seqs: list[Sequence]) -> torch.Tensor:
+    def _packed_prefill(self, seqs: list[Sequence], greedy: bool) -> torch.Tensor:
         ids, pos, slots, ends = [], [], [], []
         for seq in seqs:
             n = len(seq)
@@ -115,7 +127,8 @@ class ModelRunner:
             ends.append(padded)
         t = lambda xs: torch.tensor(xs, dtype=I64, device=self.device)  # noqa: E731
         last = [e - 1 for e in ends[:len(seqs)]]
-        return self.graphs["prefill"](t(ids)[None], t(pos)[None], t(last), t(ends), t(slots), *self.pools)
+        return self._run("prefill", (t(ids)[None], t(pos)[None], t(last), t(ends), t(slots), *self.pools), len(last),
+                         greedy)
 
     def _token_bucket(self, total: int) -> int:
         if not self.token_buckets:
@@ -125,13 +138,13 @@ class ModelRunner:
                 return size
         raise ValueError(f"prefill of {total} tokens exceeds the largest prefill bucket {self.token_buckets[-1]}")
 
-    def _extend(self, seq: Sequence) -> torch.Tensor:
+    def _extend(self, seq: Sequence, greedy: bool) -> torch.Tensor:
         start, n = seq.num_cached_tokens, len(seq)
         t = lambda xs: torch.tensor(xs, dtype=I64, device=self.device)  # noqa: E731
         table = self._table_rows([seq])
-        out = self.graphs["extend"](t(seq.token_ids[start:])[None], t(range(start, n))[None], t([n - start - 1]),
-                                    table, t([n]), t(self.bm.slots(seq, start, n)), *self.pools)
-        return out[0]
+        inputs = (t(seq.token_ids[start:])[None], t(range(start, n))[None], t([n - start - 1]), table, t([n]),
+                  t(self.bm.slots(seq, start, n)), *self.pools)
+        return self._run("extend", inputs, 1, greedy)[0]
 
     def _table_rows(self, seqs: list[Sequence]) -> torch.Tensor:
         """The sequences' block tables (len(seqs), max_blocks_per_seq) int32, padded with the scratch
@@ -144,17 +157,17 @@ class ModelRunner:
 
     # --- decode ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def decode(self, seqs: list[Sequence], bucket: int) -> torch.Tensor:
-        """Logits (bucket, V) for one new token per sequence; rows past len(seqs) are padding."""
+    def decode(self, seqs: list[Sequence], bucket: int, *, greedy: bool = False) -> torch.Tensor:
+        """Logits (bucket, V) for one new token per sequence; rows past len(seqs) are padding
+        (greedy: the argmax tokens (len(seqs),))."""
         if [s.seq_id for s in seqs] == self._rows:
             self._patch_grown_tables(seqs)
         else:
             self._rebuild(seqs)
         b = bucket
-        return self.graphs["decode"](
-            self.input_ids[:b, None], self.positions[:b, None], self.block_table[:b], self.seq_lens[:b],
-            self.slot_mapping[:b], *self.pools,
-        )
+        inputs = (self.input_ids[:b, None], self.positions[:b, None], self.block_table[:b], self.seq_lens[:b],
+                  self.slot_mapping[:b], *self.pools)
+        return self._run("decode", inputs, len(seqs), greedy)
 
     def _rebuild(self, seqs: list[Sequence]) -> None:
         n = len(seqs)

@@ -17,6 +17,8 @@ class Sampler:
     or on the device; unseeded rows share `generator` (None: torch's default for the device).
     """
 
+    greedy_is_argmax = True  # a greedy row's token is its logits' argmax: the runtime may find it without them
+
     def __init__(self, generator: torch.Generator | None = None):
         self.generator = generator
 
