@@ -10,7 +10,8 @@ Workloads (token ids drawn with a fixed seed, output lengths forced: EOS is igno
 
 Roofline: the machine's read bandwidth (best of a few streaming reads of a buffer as large as the
 weights a decode step reads) over the bytes one batch-1 decode step reads (every weight but the
-input embedding table, of which one row, plus the KV of the average context) is the fastest a
+input embedding table, of which one row, plus the KV of the average context; an LM head the runtime
+reads as its bf16 copy at its size) is the fastest a
 memory-bound decode can go; batch-1 decode is reported as a fraction of it. The bandwidth is
 sampled after the warm-ups and again before each of graphgen's timed runs, and the roofline takes
 the median of the samples: on a shared host the bandwidth can move by 2x from one minute to the
@@ -339,18 +340,23 @@ EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "w
 
 
 def model_bytes(shapes: dict[str, tuple[int, ...]], elem_size: int, *, kv_bytes_per_token: int,
-                tied_embeddings: bool) -> ModelBytes:
-    """From checkpoint tensor shapes. A tied embedding is the LM head too, so it is read whole."""
+                tied_embeddings: bool, bf16_head: str | None = None) -> ModelBytes:
+    """From checkpoint tensor shapes. A tied embedding is the LM head too, so it is read whole.
+    `bf16_head`: the LM head tensor a greedy step reads as its bf16 copy (runtime/graphs.py: Head)."""
     params = sum(math.prod(s) for s in shapes.values())
-    step = params
+    step = params * elem_size
     if not tied_embeddings:
         for name, s in shapes.items():
             if name.endswith(EMBEDDING_SUFFIXES) and len(s) == 2:
-                step -= math.prod(s) - s[1]
-    return ModelBytes(params, params * elem_size, step * elem_size, kv_bytes_per_token)
+                step -= (math.prod(s) - s[1]) * elem_size
+    if bf16_head is not None:
+        step -= math.prod(shapes[bf16_head]) * (elem_size - 2)
+    return ModelBytes(params, params * elem_size, step, kv_bytes_per_token)
 
 
-def artifact_model_bytes(manifest) -> ModelBytes:
+def artifact_model_bytes(manifest, *, greedy_head: bool = False) -> ModelBytes:
+    """`greedy_head`: greedy steps take the runtime's greedy_head (LLM.runner.greedy_tokens)."""
+
     from safetensors import safe_open
 
     from .spec import DTYPES
@@ -364,7 +370,9 @@ def artifact_model_bytes(manifest) -> ModelBytes:
     elem = torch.empty((), dtype=DTYPES[manifest.data["dtype"]]).element_size()
     tied = bool(manifest.data["model_config"].get("tie_word_embeddings")) and not any(
         k.endswith("lm_head.weight") for k in shapes)
-    return model_bytes(shapes, elem, kv_bytes_per_token=kv.bytes_per_block // kv.block_size, tied_embeddings=tied)
+    head = manifest.graphs["decode"].get("head", {}).get("weight") if greedy_head else None
+    return model_bytes(shapes, elem, kv_bytes_per_token=kv.bytes_per_block // kv.block_size, tied_embeddings=tied,
+                       bf16_head=head[1] if head and head[0] == "model" else None)
 
 
 def roofline(bandwidth: float, step_bytes: float, decode_tok_s: float | None) -> dict:
@@ -428,7 +436,7 @@ def bench(artifact: str | Path, *, batch_sizes: list[int] = (1, 16), workloads: 
     vocab = int(cfg["vocab_size"])
     special = m.special_tokens
     avoid = {i for i in [special.get("bos"), special.get("pad"), *special.get("eos", [])] if i is not None}
-    sizes = artifact_model_bytes(m)
+    sizes = artifact_model_bytes(m, greedy_head=llm.runner.greedy_tokens)  # the bench's requests are greedy
     running = llm.scheduler.max_running
     report = BenchReport(
         artifact={"name": m.data["name"], "path": str(m.root), "dtype": m.data["dtype"],
