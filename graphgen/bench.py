@@ -11,7 +11,7 @@ Workloads (token ids drawn with a fixed seed, output lengths forced: EOS is igno
 Roofline: the machine's read bandwidth (best of a few streaming reads of a buffer as large as the
 weights a decode step reads) over the bytes one batch-1 decode step reads (every weight but the
 input embedding table, of which one row, plus the KV of the average context; an LM head the runtime
-reads as its bf16 copy at its size) is the fastest a
+reads as its int8 copy at that size) is the fastest a
 memory-bound decode can go; batch-1 decode is reported as a fraction of it. The bandwidth is
 sampled after the warm-ups and again before each of graphgen's timed runs, and the roofline takes
 the median of the samples: on a shared host the bandwidth can move by 2x from one minute to the
@@ -340,17 +340,17 @@ EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "w
 
 
 def model_bytes(shapes: dict[str, tuple[int, ...]], elem_size: int, *, kv_bytes_per_token: int,
-                tied_embeddings: bool, bf16_head: str | None = None) -> ModelBytes:
+                tied_embeddings: bool, int8_head: str | None = None) -> ModelBytes:
     """From checkpoint tensor shapes. A tied embedding is the LM head too, so it is read whole.
-    `bf16_head`: the LM head tensor a greedy step reads as its bf16 copy (runtime/graphs.py: Head)."""
+    `int8_head`: the LM head tensor a greedy step reads as its int8 copy (runtime/graphs.py: Head)."""
     params = sum(math.prod(s) for s in shapes.values())
     step = params * elem_size
     if not tied_embeddings:
         for name, s in shapes.items():
             if name.endswith(EMBEDDING_SUFFIXES) and len(s) == 2:
                 step -= (math.prod(s) - s[1]) * elem_size
-    if bf16_head is not None:
-        step -= math.prod(shapes[bf16_head]) * (elem_size - 2)
+    if int8_head is not None:
+        step -= math.prod(shapes[int8_head]) * (elem_size - 1)
     return ModelBytes(params, params * elem_size, step, kv_bytes_per_token)
 
 
@@ -372,7 +372,7 @@ def artifact_model_bytes(manifest, *, greedy_head: bool = False) -> ModelBytes:
         k.endswith("lm_head.weight") for k in shapes)
     head = manifest.graphs["decode"].get("head", {}).get("weight") if greedy_head else None
     return model_bytes(shapes, elem, kv_bytes_per_token=kv.bytes_per_block // kv.block_size, tied_embeddings=tied,
-                       bf16_head=head[1] if head and head[0] == "model" else None)
+                       int8_head=head[1] if head and head[0] == "model" else None)
 
 
 def roofline(bandwidth: float, step_bytes: float, decode_tok_s: float | None) -> dict:

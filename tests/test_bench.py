@@ -68,8 +68,8 @@ def test_model_bytes_counts_one_embedding_row_unless_tied():
     assert untied.parameters == 1664 and untied.weight_bytes == 1664 * 4
     assert untied.step_weight_bytes == (1664 - 99 * 8) * 4
     assert untied.step_bytes(10) == untied.step_weight_bytes + 160
-    greedy = B.model_bytes(shapes, 4, kv_bytes_per_token=16, tied_embeddings=False, bf16_head="lm_head.weight")
-    assert untied.step_weight_bytes - greedy.step_weight_bytes == math.prod(shapes["lm_head.weight"]) * 2
+    greedy = B.model_bytes(shapes, 4, kv_bytes_per_token=16, tied_embeddings=False, int8_head="lm_head.weight")
+    assert untied.step_weight_bytes - greedy.step_weight_bytes == math.prod(shapes["lm_head.weight"]) * 3
     tied = B.model_bytes({k: v for k, v in shapes.items() if k != "lm_head.weight"}, 2, kv_bytes_per_token=0,
                          tied_embeddings=True)
     assert tied.step_weight_bytes == tied.weight_bytes == (800 + 64) * 2

@@ -14,12 +14,12 @@ from graphgen.recipe import Recipe, RecipeError, default_recipe
 from graphgen.runtime.engine import LLM
 from graphgen.runtime.params import SamplingParams
 
-needs_kernel = pytest.mark.skipif(not gh.supported(), reason="greedy_head needs a CPU with AVX512-BF16")
+needs_kernel = pytest.mark.skipif(not gh.supported(), reason="greedy_head needs a CPU with AVX512-VNNI")
 
 
 def _greedy(x, w):
-    packed, norms = gh.pack_head(w)
-    return torch.ops.graphgen.greedy_head(x, w, packed, norms)
+    packed, rows = gh.pack_head(w)
+    return torch.ops.graphgen.greedy_head(x, w, packed, rows)
 
 
 @needs_kernel
@@ -33,14 +33,14 @@ def test_greedy_head_is_the_argmax_of_the_logits(vocab, hidden, rows):
 
 
 @needs_kernel
-def test_greedy_head_is_exact_where_bf16_cannot_tell_ids_apart():
-    """Ids whose logits differ by less than bf16 resolves: the exact fp32 pass decides, ties to the lowest id."""
+def test_greedy_head_is_exact_where_the_approximation_cannot_tell_ids_apart():
+    """Ids whose logits differ by less than int8 resolves: the exact fp32 pass decides, ties to the lowest id."""
     hidden = 64
     w = torch.randn(300, hidden) * 0.01
     x = torch.ones(3, hidden)
     w[[40, 7, 200]] = 0.5  # logit 32 for all three: a tie, the lowest id (7) wins
     w[250] = 0.5
-    w[250, 0] = 0.5 + 2 ** -12  # 32 + 2^-12 exactly: rounds to 0.5 in bf16, wins in fp32
+    w[250, 0] = 0.5 + 2 ** -12  # 32 + 2^-12 exactly: the same int8 row, wins in fp32
     x[1, 0] = 0.0  # row 1: w[250]'s extra weight meets a zero, so 7 ties with it and wins
     x[2] = -x[2]  # row 2: those ids are now the lowest logits; the argmax is among the random rows
     tokens = _greedy(x, w)
@@ -54,20 +54,28 @@ def test_greedy_head_rows_that_are_not_finite_run_every_logit():
     x = torch.randn(4, 40)
     x[1, 3] = float("nan")  # every logit NaN: the first id, as torch's argmax
     x[2, 5] = float("inf")  # +-inf by the sign of w[:, 5]: the first +inf
-    x[3] *= 1e30  # bounds overflow fp32
+    x[3] *= 1e30  # large but finite: the bound scales with it
     tokens = _greedy(x, w)
     assert tokens[1] == 0
     assert tokens[2] == int(torch.nonzero(w[:, 5] > 0)[0])
     assert tokens[0] == (x[:1] @ w.T).argmax() and tokens[3] == (x[3:].double() @ w.double().T).argmax()
+    assert _greedy(torch.zeros(2, 40), w).tolist() == [0, 0]  # every logit 0: the first id
+    huge = torch.randn(1, 40).sign() * 1e37  # its l1 norm overflows fp32 (the logits do not): every logit exactly
+    assert _greedy(huge, w)[0] == (huge.double() @ w.double().T).argmax()
 
 
-def test_pack_head_layout_and_norms():
+def test_pack_head_layout_and_row_data():
     w = torch.randn(50, 5)
-    packed, norms = gh.pack_head(w)
-    assert packed.shape == gh.packed_shape(50, 5) == (6, 3, 16, 2) and packed.dtype == torch.bfloat16
-    assert torch.equal(packed[1, 2, 3, 0].float(), w[19, 4].bfloat16().float())  # id 16 + 3, columns 4 and 5 (pad)
-    assert packed[1, 2, 3, 1] == 0 and not packed[3, :, 2:].any() and not packed[4:].any()  # zero padding
-    assert bool((norms[:50] >= w.double().norm(dim=1)).all()) and not norms[50:].any()
+    packed, rows = gh.pack_head(w)
+    assert packed.shape == gh.packed_shape(50, 5) == (6, 2, 16, 4) and packed.dtype == torch.int8
+    scale = w.abs().amax(dim=1) / 127
+    q = (w / scale[:, None]).round()
+    assert packed[1, 1, 3, 0] == q[19, 4]  # id 16 + 3, columns 4-7 (5-7: padding)
+    assert not packed[1, 1, 3, 1:].any() and not packed[3, :, 2:].any() and not packed[4:].any()
+    assert int(q.abs().max()) == 127 and torch.equal(packed[0, 0, :, 0].float(), q[:16, 0])
+    assert torch.equal(rows[0, :50], scale) and torch.equal(rows[2, :50], q.sum(dim=1))
+    assert bool((rows[1, :50].double() >= scale.double() * q.abs().sum(dim=1).double()).all())
+    assert not rows[:, 50:].any()
     with pytest.raises(ValueError, match="not finite"):
         gh.pack_head(torch.tensor([[1.0, float("inf")]]))
 

@@ -86,7 +86,7 @@ def set_num_threads(threads: int) -> None:
 
 
 def greedy_head_supported() -> bool:
-    """Whether `greedy_head` runs here: the kernels are loaded and the CPU has AVX512-BF16."""
+    """Whether `greedy_head` runs here: the kernels are loaded and the CPU has AVX512-VNNI."""
     lib = _library()
     return lib is not None and bool(lib.graphgen_greedy_head_supported())
 

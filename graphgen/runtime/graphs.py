@@ -209,19 +209,19 @@ def load_graphs(manifest: Manifest, device: torch.device) -> dict[str, Callable[
 
 class Head:
     """An fp32 LM head the runtime applies: logits through graphgen's linear kernel (as the graph would
-    have called it), and greedy tokens through `greedy_head` where it runs (its bf16 copy of the
+    have called it), and greedy tokens through `greedy_head` where it runs (its int8 copy of the
     weight is packed once, on huge pages, and shared by every graph)."""
 
     def __init__(self, weight: torch.Tensor):
         from ..ops import greedy_head as gh
 
         self.weight = weight
-        self.packed = self.norms = None
+        self.packed = self.rows = None
         if weight.device.type == "cpu" and gh.supported():
             shape = gh.packed_shape(*weight.shape)
-            buffer = huge_page_buffer(math.prod(shape) * torch.bfloat16.itemsize)
+            buffer = huge_page_buffer(math.prod(shape))
             try:
-                self.packed, self.norms = gh.pack_head(weight, buffer.view(torch.bfloat16).view(shape))
+                self.packed, self.rows = gh.pack_head(weight, buffer.view(torch.int8).view(shape))
             except ValueError:  # weights that are not finite: no bound holds, so logits and their argmax
                 pass
 
@@ -237,7 +237,7 @@ class Head:
         """argmax of each row's logits, ties to the lowest id (the sampler's greedy pick)."""
         if self.packed is None:
             return self.logits(hidden).argmax(dim=-1)
-        return torch.ops.graphgen.greedy_head(hidden, self.weight, self.packed, self.norms)
+        return torch.ops.graphgen.greedy_head(hidden, self.weight, self.packed, self.rows)
 
 
 class HeadedGraph:

@@ -2,18 +2,21 @@
 // head, ties to the lowest id, without computing every logit exactly.
 //
 // A greedy step needs only each row's argmax, yet the LM head is the step's largest matrix (bench-125m:
-// 32000 x 768, 98 MB). Here a bf16 copy of w (`packed`, made once by the runtime) and x rounded to bf16
-// give approximate logits a[n] through AVX512-BF16 dot products: half the bytes and twice the products
-// per cycle of fp32 FMAs (Zen 4: 32 against 16 a cycle). Each a[n] is within B[n] of the exact logit
-// e[n] (below), so only ids whose interval [a - B, a + B] reaches the best lower bound max_m (a[m] -
-// B[m]) can be the argmax; those few (bench-125m: ~2-6 a row) are computed exactly in fp32 and the
-// largest wins. The argmax of e is always among them: e[n*] >= e[m] >= a[m] - B[m] for every m.
+// 32000 x 768, 98 MB). Here an int8 copy of w (`packed`: each row scaled by its largest magnitude,
+// made once by the runtime) and x quantized per row to unsigned 8 bits give approximate logits a[n]
+// through AVX512-VNNI dot products: a quarter of the bytes and four times the products per cycle of
+// fp32 FMAs (Zen 4: 64 a cycle against 16), summed exactly in int32. Each a[n] is within B[n] of the
+// exact logit e[n] (below), so only ids whose interval [a - B, a + B] reaches the best lower bound
+// max_m (a[m] - B[m]) can be the argmax; those (bench-125m: tens of 32000 a row) are computed exactly
+// in fp32 and the largest wins. The argmax of e is always among them: e[n*] >= e[m] >= a[m] - B[m].
 //
-// The bound, with u = 2^-8 (bf16's unit roundoff) and gamma = (K + 2) 2^-24 (an fp32 sum of K terms):
-//   |a[n] - e[n]| <= (2u + u^2 + 2.2 gamma) sum_k |x_k w_nk| + (denormals, which the dot product reads as 0)
-//                <= c ||x|| ||w_n|| + 2^-126 sqrt(K) (||x|| + ||w_n||)      (Cauchy-Schwarz)
-// with c inflated by 1% to cover the fp32 rounding of the bound arithmetic itself. Rows of x that are
-// not finite, or whose bounds overflow, run every logit exactly (NaN wins, as in torch's argmax).
+// The bound. With w_n ~ s_n q_n (q int8, |w - s q| <= s_n / 2 per weight) and x ~ s_x (x_q - 128)
+// (|x - s_x (x_q - 128)| <= s_x / 2 per element):
+//   |a[n] - e[n]| <= 0.51 (s_n ||x||_1 + s_x s_n ||q_n||_1) + gamma 128 s_n ||x||_1
+// where 0.51 covers the rounding of the quotients before they round to integers and gamma = 2.2 (K + 2)
+// 2^-24 the fp32 sum of the exact kernel (|w| <= 128 s_n); B is inflated by 1% for the fp32 rounding of
+// a and of the bound arithmetic. Rows of x that are not finite, or whose bounds overflow, run every
+// logit exactly (NaN wins, as in torch's argmax); a row of zeros has every logit 0: id 0.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -25,70 +28,87 @@ using namespace graphgen;
 
 namespace {
 
-constexpr int64_t kTile = 16;        // vocab rows per packed tile: one zmm of fp32 sums
+constexpr int64_t kTile = 16;        // vocab rows per packed tile: one zmm of int32 sums
 constexpr int64_t kBlockTiles = 3;   // tiles a microkernel call runs: 3 x 8 rows of x = 24 accumulators
 constexpr int64_t kBlock = kTile * kBlockTiles;
 constexpr int kRowsPerPass = 8;
 
-bool has_bf16_dot() {
+bool has_int8_dot() {
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
-  static const bool yes = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512f");
+  static const bool yes = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512f");
   return yes;
 #else
   return false;
 #endif
 }
 
-inline uint32_t bf16_bits(float f) {  // round to nearest even (finite f)
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-}
+// The packed head's per-row data (`rows`, 3 x Vp fp32): each row's scale s_n, s_n ||q_n||_1 (rounded
+// up) and sum_k q_nk (an integer, exact in fp32 for K < 2^17).
+struct RowInfo {
+  const float *scale, *l1, *qsum;
+};
 
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
-#define GRAPHGEN_BF16_DOT 1
-// Approximate logits of RB rows of x (bf16 pairs, xp[r * K2 + kk]) against the kBlockTiles tiles at
-// `tiles` (each K2 x 16 x 2 bf16), into a[r * ldA + 16 t + i]; lo[r] = max(lo[r], a - bound) over the
-// block's first `valid` vocab rows.
+#define GRAPHGEN_INT8_DOT 1
+// Approximate logits of RB rows of x (4 unsigned bytes a lane, xq[r * K4 + kk]) against the
+// kBlockTiles tiles at `tiles` (each K4 x 16 x 4 int8), into a[r * ldA + 16 t + i]; lo[r] = max(lo[r],
+// a - B) over the block's first `valid` vocab rows, with B = cx[r] s_n + dx[r] l1_n.
 template <int RB>
-__attribute__((target("avx512f,avx512bf16"))) void approx_block(const uint32_t* xp, const uint16_t* tiles,
-                                                                 int64_t K2, float* a, int64_t ldA, const float* cx,
-                                                                 const float* norms, int64_t valid, float* lo) {
-  __m512 acc[RB][kBlockTiles];
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void approx_block(
+    const uint32_t* xq, const int8_t* tiles, int64_t K4, float* a, int64_t ldA, const float* sx, const float* cx,
+    const float* dx, RowInfo info, int64_t valid, float* lo, const char* next) {
+  __m512i acc[RB][kBlockTiles];
+  // the next block's tiles (contiguous after these), requested into L2 over the k loop
+  const int64_t per_step = next ? kBlockTiles : 0;
+#pragma GCC unroll 8
   for (int r = 0; r < RB; ++r)
-    for (int t = 0; t < kBlockTiles; ++t) acc[r][t] = _mm512_setzero_ps();
-  for (int64_t kk = 0; kk < K2; ++kk) {
-    __m512bh wv[kBlockTiles];
-    for (int t = 0; t < kBlockTiles; ++t)
-      wv[t] = (__m512bh)_mm512_load_si512(tiles + (t * K2 + kk) * kTile * 2);
+#pragma GCC unroll 3
+    for (int t = 0; t < kBlockTiles; ++t) acc[r][t] = _mm512_setzero_si512();
+  for (int64_t kk = 0; kk < K4; ++kk) {
+    for (int64_t i = 0; i < per_step; ++i) _mm_prefetch(next + (kk * per_step + i) * 64, _MM_HINT_T1);
+    __m512i wv[kBlockTiles];
+#pragma GCC unroll 3
+    for (int t = 0; t < kBlockTiles; ++t) wv[t] = _mm512_load_si512(tiles + (t * K4 + kk) * kTile * 4);
+#pragma GCC unroll 8
     for (int r = 0; r < RB; ++r) {
-      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[r * K2 + kk]));
-      for (int t = 0; t < kBlockTiles; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv[t], xv);
+      const __m512i xv = _mm512_set1_epi32(static_cast<int>(xq[r * K4 + kk]));
+#pragma GCC unroll 3
+      for (int t = 0; t < kBlockTiles; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], xv, wv[t]);
     }
   }
+  // the sums leave the registers once (an epilogue that indexes them would keep them in memory)
+  alignas(64) int32_t sums[RB][kBlockTiles][kTile];
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 3
+    for (int t = 0; t < kBlockTiles; ++t) _mm512_store_si512(sums[r][t], acc[r][t]);
   for (int t = 0; t < kBlockTiles; ++t) {
     const int64_t n0 = t * kTile;
     const __mmask16 live = n0 >= valid ? 0 : (valid - n0 >= kTile ? 0xFFFF : (1u << (valid - n0)) - 1);
-    const __m512 nv = _mm512_loadu_ps(norms + n0);
+    const __m512 scale = _mm512_loadu_ps(info.scale + n0), l1 = _mm512_loadu_ps(info.l1 + n0);
+    const __m512i offset = _mm512_slli_epi32(_mm512_cvttps_epi32(_mm512_loadu_ps(info.qsum + n0)), 7);  // 128 sum q
     for (int r = 0; r < RB; ++r) {
-      _mm512_storeu_ps(a + r * ldA + n0, acc[r][t]);
-      const __m512 low = _mm512_sub_ps(acc[r][t], _mm512_mul_ps(_mm512_set1_ps(cx[r]), nv));
-      if (live) lo[r] = std::max(lo[r], _mm512_mask_reduce_max_ps(live, low));
+      const __m512 exact = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(sums[r][t]), offset));
+      const __m512 approx = _mm512_mul_ps(_mm512_mul_ps(exact, scale), _mm512_set1_ps(sx[r]));
+      _mm512_storeu_ps(a + r * ldA + n0, approx);
+      const __m512 bound = _mm512_fmadd_ps(_mm512_set1_ps(cx[r]), scale, _mm512_mul_ps(_mm512_set1_ps(dx[r]), l1));
+      if (live) lo[r] = std::max(lo[r], _mm512_mask_reduce_max_ps(live, _mm512_sub_ps(approx, bound)));
     }
   }
 }
 
-void approx_rows(int rb, const uint32_t* xp, const uint16_t* tiles, int64_t K2, float* a, int64_t ldA,
-                 const float* cx, const float* norms, int64_t valid, float* lo) {
+void approx_rows(int rb, const uint32_t* xq, const int8_t* tiles, int64_t K4, float* a, int64_t ldA, const float* sx,
+                 const float* cx, const float* dx, RowInfo info, int64_t valid, float* lo, const char* next) {
   switch (rb) {
-    case 8: return approx_block<8>(xp, tiles, K2, a, ldA, cx, norms, valid, lo);
-    case 7: return approx_block<7>(xp, tiles, K2, a, ldA, cx, norms, valid, lo);
-    case 6: return approx_block<6>(xp, tiles, K2, a, ldA, cx, norms, valid, lo);
-    case 5: return approx_block<5>(xp, tiles, K2, a, ldA, cx, norms, valid, lo);
-    case 4: return approx_block<4>(xp, tiles, K2, a, ldA, cx, norms, valid, lo);
-    case 3: return approx_block<3>(xp, tiles, K2, a, ldA, cx, norms, valid, lo);
-    case 2: return approx_block<2>(xp, tiles, K2, a, ldA, cx, norms, valid, lo);
-    default: return approx_block<1>(xp, tiles, K2, a, ldA, cx, norms, valid, lo);
+    case 8: return approx_block<8>(xq, tiles, K4, a, ldA, sx, cx, dx, info, valid, lo, next);
+    case 7: return approx_block<7>(xq, tiles, K4, a, ldA, sx, cx, dx, info, valid, lo, next);
+    case 6: return approx_block<6>(xq, tiles, K4, a, ldA, sx, cx, dx, info, valid, lo, next);
+    case 5: return approx_block<5>(xq, tiles, K4, a, ldA, sx, cx, dx, info, valid, lo, next);
+    case 4: return approx_block<4>(xq, tiles, K4, a, ldA, sx, cx, dx, info, valid, lo, next);
+    case 3: return approx_block<3>(xq, tiles, K4, a, ldA, sx, cx, dx, info, valid, lo, next);
+    case 2: return approx_block<2>(xq, tiles, K4, a, ldA, sx, cx, dx, info, valid, lo, next);
+    default: return approx_block<1>(xq, tiles, K4, a, ldA, sx, cx, dx, info, valid, lo, next);
   }
 }
 #endif
@@ -121,27 +141,28 @@ struct Best {
 };
 
 struct Shapes {
-  int64_t R, K, V, tiles, K2;
+  int64_t R, K, V, tiles, K4;
 };
 
-AOTITorchError check(AtenTensorHandle x, AtenTensorHandle w, AtenTensorHandle packed, AtenTensorHandle norms,
+AOTITorchError check(AtenTensorHandle x, AtenTensorHandle w, AtenTensorHandle packed, AtenTensorHandle rows,
                      Shapes& s) {
-  const AtenTensorHandle t[4] = {x, w, packed, norms};
+  const AtenTensorHandle t[4] = {x, w, packed, rows};
   int64_t dims[4], *sizes[4], *strides[4];
   int32_t dtypes[4];
   if (AOTITorchError err = read_args(t, 4, dims, sizes, strides, dtypes)) return err;
   const int32_t f32 = aoti_torch_dtype_float32();
   if (dims[0] != 2 || dims[1] != 2 || dtypes[0] != f32 || dtypes[1] != f32 || sizes[0][1] != sizes[1][1])
     return fail("greedy_head: x (R, K) and weight (V, K), both float32, expected");
-  s = {sizes[0][0], sizes[0][1], sizes[1][0], 0, (sizes[0][1] + 1) / 2};
-  if (dims[2] != 4 || dtypes[2] != aoti_torch_dtype_bfloat16() || sizes[2][1] != s.K2 || sizes[2][2] != kTile ||
-      sizes[2][3] != 2 || sizes[2][0] % kBlockTiles || sizes[2][0] * kTile < s.V)
-    return fail("greedy_head: packed must be (tiles, %lld, 16, 2) bfloat16 with tiles a multiple of %lld covering "
-                "%lld rows (ops/greedy_head.py: pack_head)", static_cast<long long>(s.K2),
+  s = {sizes[0][0], sizes[0][1], sizes[1][0], 0, (sizes[0][1] + 3) / 4};
+  if (s.K >= (1 << 17)) return fail("greedy_head: K up to 131071 (the packed rows' integer sums are exact below it)");
+  if (dims[2] != 4 || dtypes[2] != aoti_torch_dtype_int8() || sizes[2][1] != s.K4 || sizes[2][2] != kTile ||
+      sizes[2][3] != 4 || sizes[2][0] % kBlockTiles || sizes[2][0] * kTile < s.V)
+    return fail("greedy_head: packed must be (tiles, %lld, 16, 4) int8 with tiles a multiple of %lld covering "
+                "%lld rows (ops/greedy_head.py: pack_head)", static_cast<long long>(s.K4),
                 static_cast<long long>(kBlockTiles), static_cast<long long>(s.V));
   s.tiles = sizes[2][0];
-  if (dims[3] != 1 || dtypes[3] != f32 || sizes[3][0] != s.tiles * kTile)
-    return fail("greedy_head: norms must be (%lld,) float32", static_cast<long long>(s.tiles * kTile));
+  if (dims[3] != 2 || dtypes[3] != f32 || sizes[3][0] != 3 || sizes[3][1] != s.tiles * kTile)
+    return fail("greedy_head: rows must be (3, %lld) float32", static_cast<long long>(s.tiles * kTile));
   for (int i = 0; i < 4; ++i)
     if (!contiguous(dims[i], sizes[i], strides[i])) return fail("greedy_head: contiguous tensors expected");
   return AOTI_TORCH_SUCCESS;
@@ -162,20 +183,20 @@ int64_t exact_argmax(const float* x, const float* w, int64_t V, int64_t K) {
   return all.id;
 }
 
-AOTITorchError greedy_head(AtenTensorHandle xh, AtenTensorHandle wh, AtenTensorHandle ph, AtenTensorHandle nh,
+AOTITorchError greedy_head(AtenTensorHandle xh, AtenTensorHandle wh, AtenTensorHandle ph, AtenTensorHandle rh,
                            AtenTensorHandle* out) {
   g_last_error.clear();
   *out = nullptr;
-#ifndef GRAPHGEN_BF16_DOT
-  return fail("greedy_head: built without AVX512-BF16 support (needs GCC 11 or later)");
+#ifndef GRAPHGEN_INT8_DOT
+  return fail("greedy_head: built without AVX512-VNNI support (needs GCC 11 or later)");
 #else
-  if (!has_bf16_dot()) return fail("greedy_head: this CPU has no AVX512-BF16 dot products");
+  if (!has_int8_dot()) return fail("greedy_head: this CPU has no AVX512-VNNI dot products");
   Shapes s;
-  if (AOTITorchError err = check(xh, wh, ph, nh, s)) return err;
-  void *xv = nullptr, *wv = nullptr, *pv = nullptr, *nv = nullptr, *tv = nullptr;
+  if (AOTITorchError err = check(xh, wh, ph, rh, s)) return err;
+  void *xv = nullptr, *wv = nullptr, *pv = nullptr, *rv = nullptr, *tv = nullptr;
   AOTITorchError err = AOTI_TORCH_SUCCESS;
   if ((err = aoti_torch_get_data_ptr(xh, &xv)) || (err = aoti_torch_get_data_ptr(wh, &wv)) ||
-      (err = aoti_torch_get_data_ptr(ph, &pv)) || (err = aoti_torch_get_data_ptr(nh, &nv)))
+      (err = aoti_torch_get_data_ptr(ph, &pv)) || (err = aoti_torch_get_data_ptr(rh, &rv)))
     return err;
   const int64_t size = s.R, stride = 1;
   if ((err = aoti_torch_empty_strided(1, &size, &stride, aoti_torch_dtype_int64(), aoti_torch_device_type_cpu(), 0,
@@ -184,36 +205,50 @@ AOTITorchError greedy_head(AtenTensorHandle xh, AtenTensorHandle wh, AtenTensorH
     return err;
   const float* x = static_cast<const float*>(xv);
   const float* w = static_cast<const float*>(wv);
-  const uint16_t* packed = static_cast<const uint16_t*>(pv);
-  const float* norms = static_cast<const float*>(nv);
+  const int8_t* packed = static_cast<const int8_t*>(pv);
+  const int64_t R = s.R, K = s.K, K4 = s.K4, V = s.V, Vp = s.tiles * kTile, blocks = s.tiles / kBlockTiles;
+  const float* rows = static_cast<const float*>(rv);
+  const RowInfo info{rows, rows + Vp, rows + 2 * Vp};
   int64_t* tokens = static_cast<int64_t*>(tv);
-  const int64_t R = s.R, K = s.K, K2 = s.K2, V = s.V, Vp = s.tiles * kTile, blocks = s.tiles / kBlockTiles;
 
-  // x as bf16 pairs, its norms, and the rows that need the exact path
-  std::vector<uint32_t> xp(R * K2);
-  std::vector<float> cx(R), dx(R);
-  std::vector<char> exact(R, 0);
-  const double c = (1.0 / 128 + 1.0 / 65536 + 2.2 * (K + 2) / 16777216.0) * 1.01;
-  const double tiny = std::ldexp(1.0, -126) * std::sqrt(static_cast<double>(K)) * 1.01;
+  // x quantized per row (4 unsigned bytes a lane, zero at 128), its scale, the bound's two factors
+  // (B[n] = cx s_n + dx l1_n), and the rows that take another path: 1 every logit, 2 all zeros
+  std::vector<uint32_t> xq(R * K4);
+  std::vector<float> sx(R), cx(R), dx(R);
+  std::vector<char> path(R, 0);
+  const double alpha = (0.51 + 2.2 * (K + 2) * 128.0 / 16777216.0) * 1.01;
   for (int64_t r = 0; r < R; ++r) {
     const float* xr = x + r * K;
-    double sq = 0;
+    double l1 = 0;
+    float peak = 0.f;
     bool finite = true;
-    for (int64_t kk = 0; kk < K2; ++kk) {
-      const float lo = xr[2 * kk], hi = 2 * kk + 1 < K ? xr[2 * kk + 1] : 0.f;
-      finite = finite && std::isfinite(lo) && std::isfinite(hi);
-      sq += static_cast<double>(lo) * lo + static_cast<double>(hi) * hi;
-      xp[r * K2 + kk] = finite ? bf16_bits(lo) | bf16_bits(hi) << 16 : 0;
+    for (int64_t k = 0; k < K; ++k) {
+      finite = finite && std::isfinite(xr[k]);
+      l1 += std::fabs(static_cast<double>(xr[k]));
+      peak = std::max(peak, std::fabs(xr[k]));
     }
-    const double norm = std::sqrt(sq) * (1 + 1e-6);
-    // B[n] = cx ||w_n|| + dx: the bound's terms in ||w_n|| and the rest
-    const double cxr = c * norm + tiny, dxr = tiny * norm;
-    exact[r] = !finite || !std::isfinite(static_cast<float>(cxr)) || !std::isfinite(static_cast<float>(dxr));
-    cx[r] = static_cast<float>(cxr) * (1 + 1e-6f);
-    dx[r] = static_cast<float>(dxr) * (1 + 1e-6f);
+    if (!finite || !std::isfinite(static_cast<float>(l1))) {
+      path[r] = 1;
+      continue;
+    }
+    if (peak == 0.f) {
+      path[r] = 2;
+      continue;
+    }
+    const float scale = peak / 127.f, inv = 127.f / peak;
+    uint8_t* bytes = reinterpret_cast<uint8_t*>(xq.data() + r * K4);
+    for (int64_t k = 0; k < K4 * 4; ++k) {
+      const float q = k < K ? std::nearbyint(std::min(127.f, std::max(-127.f, xr[k] * inv))) : 0.f;
+      bytes[k] = static_cast<uint8_t>(static_cast<int>(q) + 128);
+    }
+    sx[r] = scale;
+    const double c = alpha * l1, d = alpha * scale;
+    cx[r] = static_cast<float>(c) * (1 + 1e-6f);
+    dx[r] = static_cast<float>(d) * (1 + 1e-6f);
+    if (!std::isfinite(cx[r]) || !std::isfinite(dx[r])) path[r] = 1;
   }
 
-  // approximate logits, and per thread and row the best lower bound max (a - cx ||w||)
+  // approximate logits, and per thread and row the best lower bound max (a - B)
   thread_local std::vector<float> scratch;
   if (scratch.size() < static_cast<size_t>(R * Vp)) scratch.resize(R * Vp);
   float* a = scratch.data();
@@ -222,44 +257,71 @@ AOTITorchError greedy_head(AtenTensorHandle xh, AtenTensorHandle wh, AtenTensorH
 #pragma omp parallel num_threads(nt)
   {
     float* lo = lows.data() + omp_get_thread_num() * R;
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < blocks; ++b)
+    const int64_t t = omp_get_thread_num(), end = blocks * (t + 1) / nt, block_bytes = kBlockTiles * K4 * kTile * 4;
+    for (int64_t b = blocks * t / nt; b < end; ++b) {  // a contiguous run of blocks per thread
+      const RowInfo here{info.scale + b * kBlock, info.l1 + b * kBlock, info.qsum + b * kBlock};
+      const int8_t* tiles = packed + b * block_bytes;
       for (int64_t r0 = 0; r0 < R; r0 += kRowsPerPass)
-        approx_rows(static_cast<int>(std::min<int64_t>(kRowsPerPass, R - r0)), xp.data() + r0 * K2,
-                    packed + b * kBlockTiles * K2 * kTile * 2, K2, a + r0 * Vp + b * kBlock, Vp, cx.data() + r0,
-                    norms + b * kBlock, V - b * kBlock, lo + r0);
+        approx_rows(static_cast<int>(std::min<int64_t>(kRowsPerPass, R - r0)), xq.data() + r0 * K4, tiles, K4,
+                    a + r0 * Vp + b * kBlock, Vp, sx.data() + r0, cx.data() + r0, dx.data() + r0, here,
+                    V - b * kBlock, lo + r0,
+                    r0 == 0 && b + 1 < end ? reinterpret_cast<const char*>(tiles + block_bytes) : nullptr);
+    }
   }
   std::vector<float> threshold(R);
   for (int64_t r = 0; r < R; ++r) {
     float t = -std::numeric_limits<float>::infinity();
     for (int i = 0; i < nt; ++i) t = std::max(t, lows[i * R + r]);
-    threshold[r] = t - 2 * dx[r];  // a[n] + B[n] >= max(a[m] - B[m]) <=> a[n] + cx ||w_n|| >= that - 2 dx
-    exact[r] = exact[r] || !std::isfinite(threshold[r]);
+    threshold[r] = t;
+    if (path[r] == 0 && !std::isfinite(t)) path[r] = 1;
   }
 
-  // the candidates, exactly: each thread scans its range of ids for every row
+  // the candidates, exactly: each thread scans its range of ids for every row (8 at a time), then
+  // computes their logits, each weight row requested a few candidates ahead (they are scattered)
   std::vector<Best> best(nt * R);
 #pragma omp parallel num_threads(nt)
   {
     const int t = omp_get_thread_num();
     const int64_t n0 = V * t / nt, n1 = V * (t + 1) / nt;
+    std::vector<int64_t> ids;
     for (int64_t r = 0; r < R; ++r) {
-      if (exact[r]) continue;
+      if (path[r]) continue;
       const float* ar = a + r * Vp;
-      const float cr = cx[r], tr = threshold[r];
+      const __m256 cr = _mm256_set1_ps(cx[r]), dr = _mm256_set1_ps(dx[r]), tr = _mm256_set1_ps(threshold[r]);
+      ids.clear();
+      int64_t n = n0;
+      for (; n + 8 <= n1; n += 8) {
+        const __m256 hi = _mm256_fmadd_ps(cr, _mm256_loadu_ps(info.scale + n),
+                                          _mm256_fmadd_ps(dr, _mm256_loadu_ps(info.l1 + n), _mm256_loadu_ps(ar + n)));
+        for (unsigned m = _mm256_movemask_ps(_mm256_cmp_ps(hi, tr, _CMP_GE_OQ)); m; m &= m - 1)
+          ids.push_back(n + __builtin_ctz(m));
+      }
+      for (; n < n1; ++n)
+        if (ar[n] + cx[r] * info.scale[n] + dx[r] * info.l1[n] >= threshold[r]) ids.push_back(n);
+      constexpr size_t kAhead = 3;
+      const int64_t lines = (K * static_cast<int64_t>(sizeof(float)) + 63) / 64;
+      auto request = [&](size_t i) {
+        if (i < ids.size())
+          for (int64_t l = 0; l < lines; ++l) _mm_prefetch(reinterpret_cast<const char*>(w + ids[i] * K) + 64 * l, _MM_HINT_T0);
+      };
+      for (size_t i = 0; i < kAhead; ++i) request(i);
       Best& mine = best[t * R + r];
-      for (int64_t n = n0; n < n1; ++n)
-        if (ar[n] + cr * norms[n] >= tr) mine.offer(exact_dot(x + r * K, w + n * K, K), n);
+      for (size_t i = 0; i < ids.size(); ++i) {
+        request(i + kAhead);
+        mine.offer(exact_dot(x + r * K, w + ids[i] * K, K), ids[i]);
+      }
     }
   }
   for (int64_t r = 0; r < R; ++r) {
-    if (exact[r]) {
+    if (path[r] == 1) {
       tokens[r] = exact_argmax(x + r * K, w, V, K);
-      continue;
+    } else if (path[r] == 2) {
+      tokens[r] = 0;  // x . w = 0 exactly for every id
+    } else {
+      Best all;
+      for (int i = 0; i < nt; ++i) all.offer(best[i * R + r]);
+      tokens[r] = all.id;  // never -1: the argmax's own interval reaches the threshold
     }
-    Best all;
-    for (int i = 0; i < nt; ++i) all.offer(best[i * R + r]);
-    tokens[r] = all.id;  // never -1: the argmax's own interval reaches the threshold
   }
   return AOTI_TORCH_SUCCESS;
 #endif
@@ -269,18 +331,18 @@ AOTITorchError greedy_head(AtenTensorHandle xh, AtenTensorHandle wh, AtenTensorH
 
 extern "C" {
 
-// Whether greedy_head can run here (AVX512-BF16, and a compiler that could build it).
+// Whether greedy_head can run here (AVX512-VNNI, and a compiler that could build it).
 int graphgen_greedy_head_supported() {
-#ifdef GRAPHGEN_BF16_DOT
-  return has_bf16_dot() ? 1 : 0;
+#ifdef GRAPHGEN_INT8_DOT
+  return has_int8_dot() ? 1 : 0;
 #else
   return 0;
 #endif
 }
 
 AOTITorchError aoti_torch_cpu_greedy_head(AtenTensorHandle x, AtenTensorHandle weight, AtenTensorHandle packed,
-                                          AtenTensorHandle norms, AtenTensorHandle* ret0) {
-  return greedy_head(x, weight, packed, norms, ret0);
+                                          AtenTensorHandle rows, AtenTensorHandle* ret0) {
+  return greedy_head(x, weight, packed, rows, ret0);
 }
 
 }  // extern "C"
