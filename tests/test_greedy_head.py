@@ -76,8 +76,9 @@ def test_pack_head_layout_and_row_data():
     assert torch.equal(rows[0, :50], scale) and torch.equal(rows[2, :50], q.sum(dim=1))
     assert bool((rows[1, :50].double() >= scale.double() * q.abs().sum(dim=1).double()).all())
     assert not rows[:, 50:].any()
-    with pytest.raises(ValueError, match="not finite"):
-        gh.pack_head(torch.tensor([[1.0, float("inf")]]))
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="not finite"):
+            gh.pack_head(torch.tensor([[1.0, 2.0], [1.0, bad]]))
 
 
 def test_split_lm_head_returns_the_rows_the_head_reads(tiny_captured):

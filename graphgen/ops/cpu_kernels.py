@@ -91,6 +91,13 @@ def greedy_head_supported() -> bool:
     return lib is not None and bool(lib.graphgen_greedy_head_supported())
 
 
+def greedy_head_pack(weight: torch.Tensor, packed: torch.Tensor, rows: torch.Tensor) -> bool:
+    """Fill `greedy_head`'s packed int8 weight and row data from a contiguous fp32 (V, K) weight (the
+    layout and checks: ops/greedy_head.py, pack_head); False where the weight is not all finite."""
+    return bool(_library().graphgen_greedy_head_pack(weight.data_ptr(), weight.shape[0], weight.shape[1],
+                                                     packed.data_ptr(), packed.shape[0], rows.data_ptr()))
+
+
 def inductor_configs() -> dict:
     """What AOTInductor needs to call the ops as C shims: their declarations (the compiled graph
     resolves the symbols from the loaded library at load time)."""
@@ -163,6 +170,9 @@ def _load() -> ctypes.CDLL | None:
     lib.graphgen_set_num_threads(torch.get_num_threads())
     lib.graphgen_last_error.restype = ctypes.c_char_p
     lib.graphgen_greedy_head_supported.restype = ctypes.c_int
+    lib.graphgen_greedy_head_pack.restype = ctypes.c_int
+    lib.graphgen_greedy_head_pack.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                              ctypes.c_int64, ctypes.c_void_p]
     for symbol, _ in SHIMS.values():
         getattr(lib, symbol).restype = ctypes.c_int32
     return lib

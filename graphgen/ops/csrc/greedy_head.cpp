@@ -327,9 +327,60 @@ AOTITorchError greedy_head(AtenTensorHandle xh, AtenTensorHandle wh, AtenTensorH
 #endif
 }
 
+// pack_head (ops/greedy_head.py): w (V, K) fp32 -> packed (tiles, K4, 16, 4) int8 and rows (3, tiles * 16).
+// q = round(w * (127 / peak)): within 0.5 s_n + a few ulp of w / s_n, which the bound's 0.51 covers.
+// Returns false (the buffers then unusable) where w has a value that is not finite.
+bool pack(const float* w, int64_t V, int64_t K, int8_t* packed, int64_t tiles, float* rows) {
+  const int64_t K4 = (K + 3) / 4, Vp = tiles * kTile;
+  bool finite = true;
+#pragma omp parallel num_threads(threads()) reduction(&& : finite)
+  {
+    std::vector<int8_t> q(K4 * 4, 0);
+#pragma omp for schedule(static)
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      int8_t* out = packed + tile * K4 * kTile * 4;
+      for (int64_t i = 0; i < kTile; ++i) {
+        const int64_t n = tile * kTile + i;
+        float scale = 0.f, l1 = 0.f, sum = 0.f;
+        std::fill(q.begin(), q.end(), 0);
+        if (n < V) {
+          const float* row = w + n * K;
+          float peak = 0.f;
+          for (int64_t k = 0; k < K; ++k) peak = std::max(peak, std::fabs(row[k]));
+          finite = finite && std::isfinite(peak);  // NaN compares false in max: also test the row's sum
+          float total = 0.f;
+          for (int64_t k = 0; k < K; ++k) total += row[k] * 0.f;  // NaN or inf anywhere makes this NaN
+          finite = finite && total == 0.f;
+          scale = peak / 127.f;
+          int32_t abs_sum = 0, q_sum = 0;
+          if (peak > 0.f) {
+            const float inv = 127.f / peak;
+            for (int64_t k = 0; k < K; ++k) {
+              const int v = static_cast<int>(std::nearbyint(std::min(127.f, std::max(-127.f, row[k] * inv))));
+              q[k] = static_cast<int8_t>(v);
+              abs_sum += v < 0 ? -v : v, q_sum += v;
+            }
+          }
+          l1 = std::nextafter(static_cast<float>(static_cast<double>(scale) * abs_sum), INFINITY);
+          sum = static_cast<float>(q_sum);
+        }
+        for (int64_t k4 = 0; k4 < K4; ++k4) std::memcpy(out + (k4 * kTile + i) * 4, q.data() + k4 * 4, 4);
+        rows[n] = scale, rows[Vp + n] = l1, rows[2 * Vp + n] = sum;
+      }
+    }
+  }
+  return finite;
+}
+
 }  // namespace
 
 extern "C" {
+
+// Fill greedy_head's packed weight and row data from an fp32 head (K < 2^17, checked by the caller);
+// 0 where the head has a value that is not finite (no bound holds then), else 1.
+int graphgen_greedy_head_pack(const float* w, int64_t V, int64_t K, int8_t* packed, int64_t tiles, float* rows) {
+  return pack(w, V, K, packed, tiles, rows) ? 1 : 0;
+}
 
 // Whether greedy_head can run here (AVX512-VNNI, and a compiler that could build it).
 int graphgen_greedy_head_supported() {
