@@ -151,7 +151,7 @@ class Graphs(_Strict):
     decode_batch_sizes: list[int] | None = None
     prefill: Prefill = "varlen"
     # Where the LM head runs (passes/lm_head.py). runtime: the runtime applies it, so greedy steps take
-    # graphgen::greedy_head instead of every logit (cpu; a plain fp32 head, else it stays in the
+    # graphgen::greedy_head instead of every logit (cpu; a plain fp32/bf16 head, else it stays in the
     # graph); graph: inside the graphs; auto: runtime for heads of 1M+ weights on cpu, else graph.
     lm_head: Literal["auto", "graph", "runtime"] = "auto"
 

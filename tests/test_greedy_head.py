@@ -33,6 +33,20 @@ def test_greedy_head_is_the_argmax_of_the_logits(vocab, hidden, rows):
 
 
 @needs_kernel
+@pytest.mark.parametrize("vocab,hidden,rows", [(5000, 64, 8), (97, 130, 9), (32000, 768, 3)])
+def test_bf16_head_is_the_argmax_of_the_rounded_logits(vocab, hidden, rows):
+    """bf16 logits are fp32 sums rounded to bf16, as gemv_linear returns them: rounding makes ties, which
+    go to the lowest id."""
+    w = (torch.randn(vocab, hidden) * 0.05).bfloat16()
+    w[vocab // 2] = w[vocab // 3]  # equal rows: equal logits
+    x = torch.randn(rows, hidden).bfloat16()
+    x[0] = w[vocab // 3]  # row 0 is largest on those two rows: a tie, the lower id wins
+    tokens = _greedy(x, w)
+    assert tokens[0] == vocab // 3
+    assert torch.equal(tokens, torch.ops.graphgen.gemv_linear(x, w).float().argmax(dim=-1))
+
+
+@needs_kernel
 def test_greedy_head_is_exact_where_the_approximation_cannot_tell_ids_apart():
     """Ids whose logits differ by less than int8 resolves: the exact fp32 pass decides, ties to the lowest id."""
     hidden = 64
@@ -162,6 +176,17 @@ def test_greedy_steps_skip_the_sampler_only_where_it_would_take_the_argmax(runti
     llm.generate(["Hello", "world"], [SamplingParams(max_tokens=4, ignore_eos=True),
                                       SamplingParams(max_tokens=4, ignore_eos=True, temperature=1.0, seed=1)])
     assert calls  # a sampled row in the batch: logits and the sampler
+
+
+def test_bf16_runtime_head_matches_the_graph_head(tmp_path_factory):
+    from conftest import _compile_default
+
+    ours, theirs = (LLM(_compile_default(tmp_path_factory, f"tiny-bf16-{head}", compile__backend="eager",
+                                         dtype="bfloat16", graphs__lm_head=head).path) for head in ("runtime", "graph"))
+    assert "head" in ours.manifest.graphs["decode"] and ours.runner.greedy_tokens == gh.supported()
+    prompts = ["Hello, world!", "The quick brown fox jumps"]
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    assert [o.token_ids for o in ours.generate(prompts, params)] == [o.token_ids for o in theirs.generate(prompts, params)]
 
 
 def test_version_1_artifacts_still_load(tiny_eager_artifact, tmp_path):

@@ -92,10 +92,11 @@ def greedy_head_supported() -> bool:
 
 
 def greedy_head_pack(weight: torch.Tensor, packed: torch.Tensor, rows: torch.Tensor) -> bool:
-    """Fill `greedy_head`'s packed int8 weight and row data from a contiguous fp32 (V, K) weight (the
-    layout and checks: ops/greedy_head.py, pack_head); False where the weight is not all finite."""
-    return bool(_library().graphgen_greedy_head_pack(weight.data_ptr(), weight.shape[0], weight.shape[1],
-                                                     packed.data_ptr(), packed.shape[0], rows.data_ptr()))
+    """Fill `greedy_head`'s packed int8 weight and row data from a contiguous fp32 or bf16 (V, K) weight
+    (the layout and checks: ops/greedy_head.py, pack_head); False where the weight is not all finite."""
+    return bool(_library().graphgen_greedy_head_pack(weight.data_ptr(), int(weight.dtype == torch.bfloat16),
+                                                     weight.shape[0], weight.shape[1], packed.data_ptr(),
+                                                     packed.shape[0], rows.data_ptr()))
 
 
 def inductor_configs() -> dict:
@@ -171,8 +172,8 @@ def _load() -> ctypes.CDLL | None:
     lib.graphgen_last_error.restype = ctypes.c_char_p
     lib.graphgen_greedy_head_supported.restype = ctypes.c_int
     lib.graphgen_greedy_head_pack.restype = ctypes.c_int
-    lib.graphgen_greedy_head_pack.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                              ctypes.c_int64, ctypes.c_void_p]
+    lib.graphgen_greedy_head_pack.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                                              ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     for symbol, _ in SHIMS.values():
         getattr(lib, symbol).restype = ctypes.c_int32
     return lib

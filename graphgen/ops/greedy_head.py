@@ -1,5 +1,7 @@
-"""`graphgen::greedy_head(x, weight, packed, rows) -> tokens`: argmax(x @ weight.T, dim=-1) for an fp32 LM
-head, ties to the lowest id, without computing every logit exactly (csrc/greedy_head.cpp).
+"""`graphgen::greedy_head(x, weight, packed, rows) -> tokens`: argmax(x @ weight.T, dim=-1) for an fp32 or
+bf16 LM head, ties to the lowest id, without computing every logit exactly (csrc/greedy_head.cpp).
+bf16 logits are the fp32 sums rounded to bf16, as the linear kernel returns them; ties among the
+rounded values go to the lowest id.
 
 A greedy step needs only each row's argmax. The kernel computes approximate logits from an int8 copy
 of the weight (`pack_head`, made once: each row scaled by its largest magnitude) and x quantized per
@@ -26,9 +28,9 @@ LANE = 4  # int8 weights a 32-bit lane of the dot product sums
 
 @torch.library.custom_op("graphgen::greedy_head", mutates_args=())
 def greedy_head(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Token ids (R,) int64: argmax over the V ids of x (R, K) @ weight (V, K).T, both float32, the
-    lowest id on ties and the first NaN where a row has one. `packed` and `rows` come from
-    `pack_head(weight)`."""
+    """Token ids (R,) int64: argmax over the V ids of x (R, K) @ weight (V, K).T, both float32 or both
+    bfloat16, the lowest id on ties and the first NaN where a row has one. `packed` and `rows` come
+    from `pack_head(weight)`."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"greedy_head: x (R, K) and weight (V, K) expected, got {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")
@@ -59,8 +61,9 @@ def pack_head(weight: torch.Tensor, packed: torch.Tensor | None = None) -> tuple
     tile of 16 ids as (hidden / 4, 16, 4) (each id's runs of 4 columns, what one int8 dot product
     lane takes). rows (3, ids padded): s_n, s_n * sum |q_n| (rounded up) and sum q_n; zero on padding.
     `packed`: an int8 buffer of `packed_shape` to fill (new if None)."""
-    if weight.dim() != 2 or weight.dtype != torch.float32:
-        raise ValueError(f"pack_head: a (V, K) float32 weight expected, got {tuple(weight.shape)} {weight.dtype}")
+    if weight.dim() != 2 or weight.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"pack_head: a (V, K) float32 or bfloat16 weight expected, got {tuple(weight.shape)} "
+                         f"{weight.dtype}")
     vocab, hidden = weight.shape
     if hidden >= 1 << 17:
         raise ValueError(f"pack_head: hidden size up to {(1 << 17) - 1}, got {hidden}")

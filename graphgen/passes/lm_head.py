@@ -3,11 +3,11 @@ runtime applies the head (runtime/graphs.py: `HeadedGraph`).
 
 Where the sampling policy is known (the runtime), a greedy step needs only each row's argmax, which
 `graphgen::greedy_head` finds without computing every logit exactly: on bench-125m the head is a
-32000 x 768 fp32 matrix, the largest of a step. Other steps get the logits from the same fp32 linear
+32000 x 768 matrix, the largest of a step. Other steps get the logits from the same fp32 linear
 kernel the graph would have called (as vLLM computes logits apart from the model's forward).
 
 The head is cut only where that is the plain form the runtime reproduces: the graph's output is
-`select(linear(hidden, weight))` with an fp32 weight constant and no bias, read by nothing else
+`select(linear(hidden, weight))` with an fp32 or bf16 weight constant and no bias, read by nothing else
 (softcaps, scales and biases keep their head in the graph), and only where the head is large enough
 that a call from Python costs little beside it (a tiny model's head stays).
 """
@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-MIN_HEAD_ELEMENTS = 1 << 20  # 4 MB of fp32: smaller heads stay in the graph
+MIN_HEAD_ELEMENTS = 1 << 20  # smaller heads stay in the graph
+HEAD_DTYPES = (torch.float32, torch.bfloat16)  # those graphgen's linear and greedy_head kernels take
 
 
 def split_lm_head(gm: fx.GraphModule, *, min_elements: int = MIN_HEAD_ELEMENTS) -> str | None:
@@ -33,7 +34,7 @@ def split_lm_head(gm: fx.GraphModule, *, min_elements: int = MIN_HEAD_ELEMENTS) 
     if any(b is not None for b in bias) or not isinstance(weight, fx.Node) or weight.op != "get_attr":
         return None
     tensor = _constant(gm, weight.target)
-    if tensor is None or tensor.dtype != torch.float32 or tensor.dim() != 2 or tensor.numel() < min_elements:
+    if tensor is None or tensor.dtype not in HEAD_DTYPES or tensor.dim() != 2 or tensor.numel() < min_elements:
         return None
     with gm.graph.inserting_before(out):
         rows = gm.graph.call_function(torch.ops.aten.select.int, (hidden, *value.args[1:]))

@@ -208,7 +208,7 @@ def load_graphs(manifest: Manifest, device: torch.device) -> dict[str, Callable[
 
 
 class Head:
-    """An fp32 LM head the runtime applies: logits through graphgen's linear kernel (as the graph would
+    """An LM head (fp32 or bf16) the runtime applies: logits through graphgen's linear kernel (as the graph would
     have called it), and greedy tokens through `greedy_head` where it runs (its int8 copy of the
     weight is packed once, on huge pages, and shared by every graph)."""
 

@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -32,6 +33,18 @@ constexpr int64_t kTile = 16;        // vocab rows per packed tile: one zmm of i
 constexpr int64_t kBlockTiles = 3;   // tiles a microkernel call runs: 3 x 8 rows of x = 24 accumulators
 constexpr int64_t kBlock = kTile * kBlockTiles;
 constexpr int kRowsPerPass = 8;
+
+// v as a logit of dtype T holds it: bf16 rounds to nearest even (NaN stays NaN).
+template <typename T>
+inline float rounded(float v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    uint16_t bits;
+    store(&bits, v);
+    return to_float(bits);
+  }
+}
 
 bool has_int8_dot() {
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
@@ -113,14 +126,16 @@ void approx_rows(int rb, const uint32_t* xq, const int8_t* tiles, int64_t K4, fl
 }
 #endif
 
-// x . w in fp32 (8 lanes, then their sum, then the tail).
-inline float exact_dot(const float* x, const float* w, int64_t K) {
+// x . w summed in fp32 (8 lanes, then their sum, then the tail), as the logit comes out of a linear
+// in T: bf16 logits are rounded to bf16 (ties in the argmax are then ties of the rounded values).
+template <typename T>
+inline float exact_logit(const T* x, const T* w, int64_t K) {
   __m256 acc = _mm256_setzero_ps();
   int64_t k = 0;
-  for (; k + 8 <= K; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(w + k), acc);
+  for (; k + 8 <= K; k += 8) acc = _mm256_fmadd_ps(load8(x + k), load8(w + k), acc);
   float s = hsum(acc);
-  for (; k < K; ++k) s += x[k] * w[k];
-  return s;
+  for (; k < K; ++k) s += to_float(x[k]) * to_float(w[k]);
+  return rounded<T>(s);
 }
 
 // The better of two (value, id) candidates for an argmax: NaN first, then the larger, then the lower id.
@@ -145,14 +160,16 @@ struct Shapes {
 };
 
 AOTITorchError check(AtenTensorHandle x, AtenTensorHandle w, AtenTensorHandle packed, AtenTensorHandle rows,
-                     Shapes& s) {
+                     Shapes& s, bool& bf16) {
   const AtenTensorHandle t[4] = {x, w, packed, rows};
   int64_t dims[4], *sizes[4], *strides[4];
   int32_t dtypes[4];
   if (AOTITorchError err = read_args(t, 4, dims, sizes, strides, dtypes)) return err;
   const int32_t f32 = aoti_torch_dtype_float32();
-  if (dims[0] != 2 || dims[1] != 2 || dtypes[0] != f32 || dtypes[1] != f32 || sizes[0][1] != sizes[1][1])
-    return fail("greedy_head: x (R, K) and weight (V, K), both float32, expected");
+  bf16 = dtypes[0] == aoti_torch_dtype_bfloat16();
+  if (dims[0] != 2 || dims[1] != 2 || dtypes[0] != dtypes[1] || !(bf16 || dtypes[0] == f32) ||
+      sizes[0][1] != sizes[1][1])
+    return fail("greedy_head: x (R, K) and weight (V, K), both float32 or both bfloat16, expected");
   s = {sizes[0][0], sizes[0][1], sizes[1][0], 0, (sizes[0][1] + 3) / 4};
   if (s.K >= (1 << 17)) return fail("greedy_head: K up to 131071 (the packed rows' integer sums are exact below it)");
   if (dims[2] != 4 || dtypes[2] != aoti_torch_dtype_int8() || sizes[2][1] != s.K4 || sizes[2][2] != kTile ||
@@ -169,13 +186,14 @@ AOTITorchError check(AtenTensorHandle x, AtenTensorHandle w, AtenTensorHandle pa
 }
 
 // Every logit of row x exactly; its argmax as torch's argmax takes it.
-int64_t exact_argmax(const float* x, const float* w, int64_t V, int64_t K) {
+template <typename T>
+int64_t exact_argmax(const T* x, const T* w, int64_t V, int64_t K) {
   std::vector<Best> best(threads());
 #pragma omp parallel num_threads(threads())
   {
     Best mine;
 #pragma omp for schedule(static)
-    for (int64_t n = 0; n < V; ++n) mine.offer(exact_dot(x, w + n * K, K), n);
+    for (int64_t n = 0; n < V; ++n) mine.offer(exact_logit(x, w + n * K, K), n);
     best[omp_get_thread_num()] = mine;
   }
   Best all;
@@ -183,33 +201,11 @@ int64_t exact_argmax(const float* x, const float* w, int64_t V, int64_t K) {
   return all.id;
 }
 
-AOTITorchError greedy_head(AtenTensorHandle xh, AtenTensorHandle wh, AtenTensorHandle ph, AtenTensorHandle rh,
-                           AtenTensorHandle* out) {
-  g_last_error.clear();
-  *out = nullptr;
-#ifndef GRAPHGEN_INT8_DOT
-  return fail("greedy_head: built without AVX512-VNNI support (needs GCC 11 or later)");
-#else
-  if (!has_int8_dot()) return fail("greedy_head: this CPU has no AVX512-VNNI dot products");
-  Shapes s;
-  if (AOTITorchError err = check(xh, wh, ph, rh, s)) return err;
-  void *xv = nullptr, *wv = nullptr, *pv = nullptr, *rv = nullptr, *tv = nullptr;
-  AOTITorchError err = AOTI_TORCH_SUCCESS;
-  if ((err = aoti_torch_get_data_ptr(xh, &xv)) || (err = aoti_torch_get_data_ptr(wh, &wv)) ||
-      (err = aoti_torch_get_data_ptr(ph, &pv)) || (err = aoti_torch_get_data_ptr(rh, &rv)))
-    return err;
-  const int64_t size = s.R, stride = 1;
-  if ((err = aoti_torch_empty_strided(1, &size, &stride, aoti_torch_dtype_int64(), aoti_torch_device_type_cpu(), 0,
-                                      out)) ||
-      (err = aoti_torch_get_data_ptr(*out, &tv)))
-    return err;
-  const float* x = static_cast<const float*>(xv);
-  const float* w = static_cast<const float*>(wv);
-  const int8_t* packed = static_cast<const int8_t*>(pv);
+#ifdef GRAPHGEN_INT8_DOT
+template <typename T>
+void run(const T* x, const T* w, const int8_t* packed, const float* rows, const Shapes& s, int64_t* tokens) {
   const int64_t R = s.R, K = s.K, K4 = s.K4, V = s.V, Vp = s.tiles * kTile, blocks = s.tiles / kBlockTiles;
-  const float* rows = static_cast<const float*>(rv);
   const RowInfo info{rows, rows + Vp, rows + 2 * Vp};
-  int64_t* tokens = static_cast<int64_t*>(tv);
 
   // x quantized per row (4 unsigned bytes a lane, zero at 128), its scale, the bound's two factors
   // (B[n] = cx s_n + dx l1_n), and the rows that take another path: 1 every logit, 2 all zeros
@@ -218,14 +214,15 @@ AOTITorchError greedy_head(AtenTensorHandle xh, AtenTensorHandle wh, AtenTensorH
   std::vector<char> path(R, 0);
   const double alpha = (0.51 + 2.2 * (K + 2) * 128.0 / 16777216.0) * 1.01;
   for (int64_t r = 0; r < R; ++r) {
-    const float* xr = x + r * K;
+    const T* xr = x + r * K;
     double l1 = 0;
     float peak = 0.f;
     bool finite = true;
     for (int64_t k = 0; k < K; ++k) {
-      finite = finite && std::isfinite(xr[k]);
-      l1 += std::fabs(static_cast<double>(xr[k]));
-      peak = std::max(peak, std::fabs(xr[k]));
+      const float v = to_float(xr[k]);
+      finite = finite && std::isfinite(v);
+      l1 += std::fabs(static_cast<double>(v));
+      peak = std::max(peak, std::fabs(v));
     }
     if (!finite || !std::isfinite(static_cast<float>(l1))) {
       path[r] = 1;
@@ -238,7 +235,7 @@ AOTITorchError greedy_head(AtenTensorHandle xh, AtenTensorHandle wh, AtenTensorH
     const float scale = peak / 127.f, inv = 127.f / peak;
     uint8_t* bytes = reinterpret_cast<uint8_t*>(xq.data() + r * K4);
     for (int64_t k = 0; k < K4 * 4; ++k) {
-      const float q = k < K ? std::nearbyint(std::min(127.f, std::max(-127.f, xr[k] * inv))) : 0.f;
+      const float q = k < K ? std::nearbyint(std::min(127.f, std::max(-127.f, to_float(xr[k]) * inv))) : 0.f;
       bytes[k] = static_cast<uint8_t>(static_cast<int>(q) + 128);
     }
     sx[r] = scale;
@@ -287,19 +284,22 @@ AOTITorchError greedy_head(AtenTensorHandle xh, AtenTensorHandle wh, AtenTensorH
     for (int64_t r = 0; r < R; ++r) {
       if (path[r]) continue;
       const float* ar = a + r * Vp;
-      const __m256 cr = _mm256_set1_ps(cx[r]), dr = _mm256_set1_ps(dx[r]), tr = _mm256_set1_ps(threshold[r]);
+      // bf16 logits: an id is out only where its upper bound rounds below the rounded threshold
+      const float floor = rounded<T>(threshold[r]);
+      const __m256 cr = _mm256_set1_ps(cx[r]), dr = _mm256_set1_ps(dx[r]), tr = _mm256_set1_ps(floor);
       ids.clear();
       int64_t n = n0;
       for (; n + 8 <= n1; n += 8) {
-        const __m256 hi = _mm256_fmadd_ps(cr, _mm256_loadu_ps(info.scale + n),
-                                          _mm256_fmadd_ps(dr, _mm256_loadu_ps(info.l1 + n), _mm256_loadu_ps(ar + n)));
+        __m256 hi = _mm256_fmadd_ps(cr, _mm256_loadu_ps(info.scale + n),
+                                    _mm256_fmadd_ps(dr, _mm256_loadu_ps(info.l1 + n), _mm256_loadu_ps(ar + n)));
+        if constexpr (!std::is_same_v<T, float>) hi = round_bf16(hi);
         for (unsigned m = _mm256_movemask_ps(_mm256_cmp_ps(hi, tr, _CMP_GE_OQ)); m; m &= m - 1)
           ids.push_back(n + __builtin_ctz(m));
       }
       for (; n < n1; ++n)
-        if (ar[n] + cx[r] * info.scale[n] + dx[r] * info.l1[n] >= threshold[r]) ids.push_back(n);
+        if (rounded<T>(ar[n] + cx[r] * info.scale[n] + dx[r] * info.l1[n]) >= floor) ids.push_back(n);
       constexpr size_t kAhead = 3;
-      const int64_t lines = (K * static_cast<int64_t>(sizeof(float)) + 63) / 64;
+      const int64_t lines = (K * static_cast<int64_t>(sizeof(T)) + 63) / 64;
       auto request = [&](size_t i) {
         if (i < ids.size())
           for (int64_t l = 0; l < lines; ++l) _mm_prefetch(reinterpret_cast<const char*>(w + ids[i] * K) + 64 * l, _MM_HINT_T0);
@@ -308,7 +308,7 @@ AOTITorchError greedy_head(AtenTensorHandle xh, AtenTensorHandle wh, AtenTensorH
       Best& mine = best[t * R + r];
       for (size_t i = 0; i < ids.size(); ++i) {
         request(i + kAhead);
-        mine.offer(exact_dot(x + r * K, w + ids[i] * K, K), ids[i]);
+        mine.offer(exact_logit(x + r * K, w + ids[i] * K, K), ids[i]);
       }
     }
   }
@@ -323,6 +323,37 @@ AOTITorchError greedy_head(AtenTensorHandle xh, AtenTensorHandle wh, AtenTensorH
       tokens[r] = all.id;  // never -1: the argmax's own interval reaches the threshold
     }
   }
+}
+#endif
+
+AOTITorchError greedy_head(AtenTensorHandle xh, AtenTensorHandle wh, AtenTensorHandle ph, AtenTensorHandle rh,
+                           AtenTensorHandle* out) {
+  g_last_error.clear();
+  *out = nullptr;
+#ifndef GRAPHGEN_INT8_DOT
+  return fail("greedy_head: built without AVX512-VNNI support (needs GCC 11 or later)");
+#else
+  if (!has_int8_dot()) return fail("greedy_head: this CPU has no AVX512-VNNI dot products");
+  Shapes s;
+  bool bf16 = false;
+  if (AOTITorchError err = check(xh, wh, ph, rh, s, bf16)) return err;
+  void *xv = nullptr, *wv = nullptr, *pv = nullptr, *rv = nullptr, *tv = nullptr;
+  AOTITorchError err = AOTI_TORCH_SUCCESS;
+  if ((err = aoti_torch_get_data_ptr(xh, &xv)) || (err = aoti_torch_get_data_ptr(wh, &wv)) ||
+      (err = aoti_torch_get_data_ptr(ph, &pv)) || (err = aoti_torch_get_data_ptr(rh, &rv)))
+    return err;
+  const int64_t size = s.R, stride = 1;
+  if ((err = aoti_torch_empty_strided(1, &size, &stride, aoti_torch_dtype_int64(), aoti_torch_device_type_cpu(), 0,
+                                      out)) ||
+      (err = aoti_torch_get_data_ptr(*out, &tv)))
+    return err;
+  const int8_t* packed = static_cast<const int8_t*>(pv);
+  const float* rows = static_cast<const float*>(rv);
+  int64_t* tokens = static_cast<int64_t*>(tv);
+  if (bf16)
+    run(static_cast<const uint16_t*>(xv), static_cast<const uint16_t*>(wv), packed, rows, s, tokens);
+  else
+    run(static_cast<const float*>(xv), static_cast<const float*>(wv), packed, rows, s, tokens);
   return AOTI_TORCH_SUCCESS;
 #endif
 }
@@ -330,7 +361,8 @@ AOTITorchError greedy_head(AtenTensorHandle xh, AtenTensorHandle wh, AtenTensorH
 // pack_head (ops/greedy_head.py): w (V, K) fp32 -> packed (tiles, K4, 16, 4) int8 and rows (3, tiles * 16).
 // q = round(w * (127 / peak)): within 0.5 s_n + a few ulp of w / s_n, which the bound's 0.51 covers.
 // Returns false (the buffers then unusable) where w has a value that is not finite.
-bool pack(const float* w, int64_t V, int64_t K, int8_t* packed, int64_t tiles, float* rows) {
+template <typename T>
+bool pack(const T* w, int64_t V, int64_t K, int8_t* packed, int64_t tiles, float* rows) {
   const int64_t K4 = (K + 3) / 4, Vp = tiles * kTile;
   bool finite = true;
 #pragma omp parallel num_threads(threads()) reduction(&& : finite)
@@ -344,19 +376,19 @@ bool pack(const float* w, int64_t V, int64_t K, int8_t* packed, int64_t tiles, f
         float scale = 0.f, l1 = 0.f, sum = 0.f;
         std::fill(q.begin(), q.end(), 0);
         if (n < V) {
-          const float* row = w + n * K;
+          const T* row = w + n * K;
           float peak = 0.f;
-          for (int64_t k = 0; k < K; ++k) peak = std::max(peak, std::fabs(row[k]));
+          for (int64_t k = 0; k < K; ++k) peak = std::max(peak, std::fabs(to_float(row[k])));
           finite = finite && std::isfinite(peak);  // NaN compares false in max: also test the row's sum
           float total = 0.f;
-          for (int64_t k = 0; k < K; ++k) total += row[k] * 0.f;  // NaN or inf anywhere makes this NaN
+          for (int64_t k = 0; k < K; ++k) total += to_float(row[k]) * 0.f;  // NaN or inf anywhere makes this NaN
           finite = finite && total == 0.f;
           scale = peak / 127.f;
           int32_t abs_sum = 0, q_sum = 0;
           if (peak > 0.f) {
             const float inv = 127.f / peak;
             for (int64_t k = 0; k < K; ++k) {
-              const int v = static_cast<int>(std::nearbyint(std::min(127.f, std::max(-127.f, row[k] * inv))));
+              const int v = static_cast<int>(std::nearbyint(std::min(127.f, std::max(-127.f, to_float(row[k]) * inv))));
               q[k] = static_cast<int8_t>(v);
               abs_sum += v < 0 ? -v : v, q_sum += v;
             }
@@ -376,10 +408,13 @@ bool pack(const float* w, int64_t V, int64_t K, int8_t* packed, int64_t tiles, f
 
 extern "C" {
 
-// Fill greedy_head's packed weight and row data from an fp32 head (K < 2^17, checked by the caller);
-// 0 where the head has a value that is not finite (no bound holds then), else 1.
-int graphgen_greedy_head_pack(const float* w, int64_t V, int64_t K, int8_t* packed, int64_t tiles, float* rows) {
-  return pack(w, V, K, packed, tiles, rows) ? 1 : 0;
+// Fill greedy_head's packed weight and row data from an fp32 (bf16 = 0) or bf16 head (K < 2^17, checked by
+// the caller); 0 where the head has a value that is not finite (no bound holds then), else 1.
+int graphgen_greedy_head_pack(const void* w, int bf16, int64_t V, int64_t K, int8_t* packed, int64_t tiles,
+                              float* rows) {
+  const bool ok = bf16 ? pack(static_cast<const uint16_t*>(w), V, K, packed, tiles, rows)
+                       : pack(static_cast<const float*>(w), V, K, packed, tiles, rows);
+  return ok ? 1 : 0;
 }
 
 // Whether greedy_head can run here (AVX512-VNNI, and a compiler that could build it).
