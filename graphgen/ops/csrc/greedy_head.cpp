@@ -126,16 +126,11 @@ void approx_rows(int rb, const uint32_t* xq, const int8_t* tiles, int64_t K4, fl
 }
 #endif
 
-// x . w summed in fp32 (8 lanes, then their sum, then the tail), as the logit comes out of a linear
-// in T: bf16 logits are rounded to bf16 (ties in the argmax are then ties of the rounded values).
+// x . w summed in fp32, as the logit comes out of a linear in T: bf16 logits are rounded to bf16
+// (ties in the argmax are then ties of the rounded values).
 template <typename T>
 inline float exact_logit(const T* x, const T* w, int64_t K) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) acc = _mm256_fmadd_ps(load8(x + k), load8(w + k), acc);
-  float s = hsum(acc);
-  for (; k < K; ++k) s += to_float(x[k]) * to_float(w[k]);
-  return rounded<T>(s);
+  return rounded<T>(dot(x, w, K));
 }
 
 // The better of two (value, id) candidates for an argmax: NaN first, then the larger, then the lower id.

@@ -81,6 +81,17 @@ inline __m256 load8(const uint16_t* p) {  // 8 bf16 -> fp32: the bf16 bits are t
       _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
 
+// a . b over n elements (fp32 or bf16 each), summed in fp32: 8 lanes, then their sum, then the tail.
+template <typename A, typename B>
+inline float dot(const A* a, const B* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(load8(a + i), load8(b + i), acc);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += to_float(a[i]) * to_float(b[i]);
+  return s;
+}
+
 // v rounded to bf16 precision (nearest, ties to even, as `store` rounds), still as fp32; NaN stays NaN.
 inline __m256 round_bf16(__m256 v) {
   const __m256i bits = _mm256_castps_si256(v);

@@ -27,16 +27,6 @@ inline void widen(const T* src, int64_t stride, int64_t D, float* dst) {
   for (; i < D; ++i) dst[i] = to_float(src[i * stride]);
 }
 
-// q . k for fp32 q and a contiguous row k.
-template <typename T>
-inline float dot(const float* q, const T* k, int64_t D) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), acc);
-  float s = hsum(acc);
-  for (; i < D; ++i) s += q[i] * to_float(k[i]);
-  return s;
-}
 
 // acc += p * v for a contiguous row v.
 template <typename T>
