@@ -432,9 +432,10 @@ def compile_recipe(
                 # cpu: the runtime applies the LM head, where it knows when a step is greedy
                 head = None
                 if npu is None and device.type == "cpu" and recipe.graphs.lm_head != "graph":
-                    head = split_lm_head(gm, min_elements=0 if recipe.graphs.lm_head == "runtime" else MIN_HEAD_ELEMENTS)
+                    least = 0 if recipe.graphs.lm_head == "runtime" else MIN_HEAD_ELEMENTS
+                    head = split_lm_head(gm, min_elements=least)
                 if head:
-                    say("passes", f"{phase}: LM head {head} applied by the runtime (greedy steps: graphgen::greedy_head)")
+                    say("passes", f"{phase}: LM head {head} applied by the runtime (greedy steps: greedy_head)")
                 ex, dims = _example_inputs(phase, spec, recipe, device)
                 with torch.no_grad():
                     paged = torch.export.export(gm, tuple(ex), dynamic_shapes=dims, strict=False)

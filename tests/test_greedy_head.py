@@ -186,7 +186,8 @@ def test_bf16_runtime_head_matches_the_graph_head(tmp_path_factory):
     assert "head" in ours.manifest.graphs["decode"] and ours.runner.greedy_tokens == gh.supported()
     prompts = ["Hello, world!", "The quick brown fox jumps"]
     params = SamplingParams(max_tokens=10, ignore_eos=True)
-    assert [o.token_ids for o in ours.generate(prompts, params)] == [o.token_ids for o in theirs.generate(prompts, params)]
+    assert ([o.token_ids for o in ours.generate(prompts, params)]
+            == [o.token_ids for o in theirs.generate(prompts, params)])
 
 
 def test_version_1_artifacts_still_load(tiny_eager_artifact, tmp_path):

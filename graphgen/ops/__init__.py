@@ -11,5 +11,5 @@ from . import fusion_attention  # noqa: F401,E402  (npu_fusion_attention + its g
 from . import advance_step, kv_cache  # noqa: F401,E402  (advance step; KV writes + graphgen::kv_cache_scatter_)
 from . import paged_portable  # noqa: F401,E402  (graph-only paged attention with softcap/sinks, cpu/cuda)
 from . import gemv_linear, packed_causal, paged_decode  # noqa: F401,E402  (CPU kernels compiled graphs call: ops/cpu_kernels.py)
-from . import greedy_head  # noqa: F401,E402  (the runtime's greedy argmax over an fp32 LM head)
+from . import greedy_head  # noqa: F401,E402  (the runtime's greedy argmax over an LM head)
 from .emulate import emulate  # noqa: F401,E402  (torch.ops.npu.* + a torch_npu-like module on CPU)

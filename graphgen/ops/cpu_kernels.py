@@ -55,7 +55,7 @@ SHIMS: dict[str, tuple[str, str]] = {
                                "AtenTensorHandle* ret0)"),
     "greedy_head": ("aoti_torch_cpu_greedy_head",
                     "AOTITorchError aoti_torch_cpu_greedy_head(AtenTensorHandle x, AtenTensorHandle weight, "
-                    "AtenTensorHandle packed, AtenTensorHandle norms, AtenTensorHandle* ret0)"),
+                    "AtenTensorHandle packed, AtenTensorHandle rows, AtenTensorHandle* ret0)"),
     "packed_causal_attention": ("aoti_torch_cpu_packed_causal_attention",
                                 "AOTITorchError aoti_torch_cpu_packed_causal_attention(AtenTensorHandle query, "
                                 "AtenTensorHandle key, AtenTensorHandle value, AtenTensorHandle cu_seq_lens, "

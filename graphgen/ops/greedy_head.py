@@ -67,14 +67,14 @@ def pack_head(weight: torch.Tensor, packed: torch.Tensor | None = None) -> tuple
     vocab, hidden = weight.shape
     if hidden >= 1 << 17:
         raise ValueError(f"pack_head: hidden size up to {(1 << 17) - 1}, got {hidden}")
+    if not cpu_kernels.available():
+        raise RuntimeError("pack_head: needs graphgen's CPU kernels (see graphgen doctor)")
     shape = packed_shape(vocab, hidden)
     if packed is None:
         packed = torch.empty(shape, dtype=torch.int8)
     elif tuple(packed.shape) != shape or packed.dtype != torch.int8 or not packed.is_contiguous():
         raise ValueError(f"pack_head: packed must be a contiguous {shape} int8 tensor")
     rows = torch.empty(3, shape[0] * TILE, dtype=torch.float32)
-    if not cpu_kernels.available():
-        raise RuntimeError("pack_head: needs graphgen's CPU kernels")
     # one parallel pass, the finiteness check included (torch's isfinite().all() alone: ~7x as long)
     if not cpu_kernels.greedy_head_pack(weight.contiguous(), packed, rows):
         raise ValueError("pack_head: the weight has values that are not finite")

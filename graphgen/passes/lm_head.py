@@ -13,6 +13,8 @@ that a call from Python costs little beside it (a tiny model's head stays).
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
@@ -48,11 +50,8 @@ def split_lm_head(gm: fx.GraphModule, *, min_elements: int = MIN_HEAD_ELEMENTS) 
 
 
 def _constant(gm: fx.GraphModule, name: str) -> torch.Tensor | None:
-    owner = gm
-    *path, leaf = name.split(".")
-    for part in path:
-        owner = getattr(owner, part, None)
-        if owner is None:
-            return None
-    value = getattr(owner, leaf, None)
+    try:
+        value = operator.attrgetter(name)(gm)  # a dotted get_attr target
+    except AttributeError:
+        return None
     return value if isinstance(value, torch.Tensor) else None

@@ -201,16 +201,17 @@ def load_graphs(manifest: Manifest, device: torch.device) -> dict[str, Callable[
             raise ArtifactError(f"{manifest.path(graph['file'])}: cannot load graph '{phase}' ({e}); "
                                 "rebuild with `graphgen compile <recipe> --force`") from e
         if "head" in graph:
-            weight = weights[phase][HEAD]
-            head = heads.get(weight.data_ptr()) or heads.setdefault(weight.data_ptr(), Head(weight))
-            graphs[phase] = HeadedGraph(graphs[phase], head)
+            weight = weights[phase][HEAD]  # one tensor for every graph (load_weights): one Head, packed once
+            if weight.data_ptr() not in heads:
+                heads[weight.data_ptr()] = Head(weight)
+            graphs[phase] = HeadedGraph(graphs[phase], heads[weight.data_ptr()])
     return graphs
 
 
 class Head:
-    """An LM head (fp32 or bf16) the runtime applies: logits through graphgen's linear kernel (as the graph would
-    have called it), and greedy tokens through `greedy_head` where it runs (its int8 copy of the
-    weight is packed once, on huge pages, and shared by every graph)."""
+    """An LM head (fp32 or bf16) the runtime applies: logits through graphgen's linear kernel (as the
+    graph would have called it), and greedy tokens through `greedy_head` where it runs (its int8 copy
+    of the weight is packed once, on huge pages, and shared by every graph)."""
 
     def __init__(self, weight: torch.Tensor):
         from ..ops import greedy_head as gh

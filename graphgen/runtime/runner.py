@@ -70,8 +70,8 @@ class ModelRunner:
     @torch.no_grad()
     def prefill(self, seqs: list[Sequence], *, greedy: bool = False) -> torch.Tensor:
         """Logits (len(seqs), V) at each sequence's last token (greedy: the argmax token of each,
-        (len(seqs),) int64, where `greedy_tokens`; likewise for `mixed` and `decode`). Sequences with a prefix-cache hit
-        run after the packed prefill has written its KV (so a hit on a block filled in this same
+        (len(seqs),) int64, where `greedy_tokens`; likewise for `mixed` and `decode`). Sequences with a
+        prefix-cache hit run after the packed prefill has written its KV (so a hit on a block filled in this same
         batch reads finished data): all at once through the mixed graph (cpu/cuda), else one by
         one through the extend graph (npu)."""
         # Without either (npu, block_size not a multiple of 128) a hit recomputes its prompt.
@@ -106,7 +106,8 @@ class ModelRunner:
         t = lambda xs: torch.tensor(xs, dtype=I64, device=self.device)  # noqa: E731
         table = self._table_rows([seq for seq, _, _ in chunks])
         # The graph returns at least one row: with no chunk sampling, that of the last token, unused.
-        inputs = (t(ids)[None], t(pos)[None], t(last or [len(ids) - 1]), t(ends), table, t(kv_lens), t(slots), *self.pools)
+        inputs = (t(ids)[None], t(pos)[None], t(last or [len(ids) - 1]), t(ends), table, t(kv_lens), t(slots),
+                  *self.pools)
         return self._run("mixed", inputs, len(last), greedy)[:len(last)]
 
     def _packed_prefill(self, seqs: list[Sequence], greedy: bool) -> torch.Tensor:

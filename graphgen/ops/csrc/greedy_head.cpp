@@ -1,5 +1,6 @@
-// graphgen::greedy_head (graphgen/ops/greedy_head.py): tokens[r] = argmax_n x[r] . w[n] for an fp32 LM
-// head, ties to the lowest id, without computing every logit exactly.
+// graphgen::greedy_head (graphgen/ops/greedy_head.py): tokens[r] = argmax_n x[r] . w[n] for an fp32 or
+// bf16 LM head (bf16 logits rounded to bf16, as the linear kernel returns them), ties to the lowest id,
+// without computing every logit exactly.
 //
 // A greedy step needs only each row's argmax, yet the LM head is the step's largest matrix (bench-125m:
 // 32000 x 768, 98 MB). Here an int8 copy of w (`packed`: each row scaled by its largest magnitude,
@@ -294,10 +295,8 @@ void run(const T* x, const T* w, const int8_t* packed, const float* rows, const 
       for (; n < n1; ++n)
         if (rounded<T>(ar[n] + cx[r] * info.scale[n] + dx[r] * info.l1[n]) >= floor) ids.push_back(n);
       constexpr size_t kAhead = 3;
-      const int64_t lines = (K * static_cast<int64_t>(sizeof(T)) + 63) / 64;
       auto request = [&](size_t i) {
-        if (i < ids.size())
-          for (int64_t l = 0; l < lines; ++l) _mm_prefetch(reinterpret_cast<const char*>(w + ids[i] * K) + 64 * l, _MM_HINT_T0);
+        if (i < ids.size()) prefetch_row(w + ids[i] * K, K * static_cast<int64_t>(sizeof(T)));
       };
       for (size_t i = 0; i < kAhead; ++i) request(i);
       Best& mine = best[t * R + r];

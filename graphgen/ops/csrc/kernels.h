@@ -81,6 +81,14 @@ inline __m256 load8(const uint16_t* p) {  // 8 bf16 -> fp32: the bf16 bits are t
       _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
 
+// The cache lines of a row of `bytes`: requested now, read soon (into L1; _MM_HINT_T1: into L2
+// only, for rows read later than the next few).
+template <auto hint = _MM_HINT_T0>  // auto: an enum in GCC's headers, an int in Clang's
+inline void prefetch_row(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, hint);
+}
+
 // a . b over n elements (fp32 or bf16 each), summed in fp32: 8 lanes, then their sum, then the tail.
 template <typename A, typename B>
 inline float dot(const A* a, const B* b, int64_t n) {

@@ -27,7 +27,6 @@ inline void widen(const T* src, int64_t stride, int64_t D, float* dst) {
   for (; i < D; ++i) dst[i] = to_float(src[i * stride]);
 }
 
-
 // acc += p * v for a contiguous row v.
 template <typename T>
 inline void axpy(float p, const T* v, float* acc, int64_t D) {
@@ -35,14 +34,6 @@ inline void axpy(float p, const T* v, float* acc, int64_t D) {
   int64_t i = 0;
   for (; i + 8 <= D; i += 8) _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(a, load8(v + i), _mm256_loadu_ps(acc + i)));
   for (; i < D; ++i) acc[i] += p * to_float(v[i]);
-}
-
-// The cache lines of a row of `bytes`: requested now, read soon (into L1; _MM_HINT_T1: into L2
-// only, for rows read later than the next few).
-template <auto hint = _MM_HINT_T0>  // auto: an enum in GCC's headers, an int in Clang's
-inline void prefetch_row(const void* row, int64_t bytes) {
-  const char* p = static_cast<const char*>(row);
-  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, hint);
 }
 
 // The keys and values of the sequence a thread runs next, requested a few lines at a time while it
